@@ -1,0 +1,70 @@
+"""Shared launcher helpers: SM budgets, grid sizing and input validation for every kernel family."""
+import functools
+
+import torch
+import triton
+
+from minidu._platform import INTERPRET
+
+# Programs the interpreter runs one after another; the value only shapes the persistent loop.
+CPU_NUM_SMS = 8
+
+
+@functools.cache
+def device_num_sms(device_index: int = 0) -> int:
+    """Number of SMs of a CUDA device (or CPU_NUM_SMS where kernels are interpreted)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return CPU_NUM_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def resolve_num_sms(num_sms: int | None, device: torch.device) -> int:
+    """The budget to use: `num_sms`, or every SM of `device` when None."""
+    if num_sms is None:
+        index = device.index if device.type == "cuda" and device.index is not None else 0
+        return device_num_sms(index)
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int):
+        raise ValueError(f"num_sms must be an int or None, got {num_sms!r}")
+    if num_sms < 1:
+        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+    return num_sms
+
+
+def num_programs(num_tiles: int, num_sms: int | None, device: torch.device) -> int:
+    """Persistent grid size: min(budget, tiles), at least 1 so empty launches stay valid."""
+    return max(1, min(resolve_num_sms(num_sms, device), num_tiles))
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device: torch.device | None = None,
+                 contiguous: bool = False, shape: tuple | None = None) -> None:
+    """Raises ValueError naming `name` when `t` is not a tensor of the expected rank, dtype, device or shape.
+
+    `shape` entries of None are not checked.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if shape is not None:
+        if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton.language dtype matching a torch float dtype."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+next_power_of_2 = triton.next_power_of_2

@@ -1,0 +1,56 @@
+"""Execution plans: what one engine step runs and on how many SMs. The scheduler emits them; executors carry them out."""
+from dataclasses import dataclass, field
+
+from minidu.scheduler.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """`num_new_tokens` tokens of `seq` starting at token `start`; the chunk that reaches the sequence's last known
+    token samples the next one (a decode chunk run for k steps samples k)."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.start > 0
+
+
+@dataclass(slots=True)
+class AggregatedPlan:
+    """Decode tokens and prefill chunks mixed in one forward pass on `num_sms` SMs (None: all)."""
+
+    chunks: list[ScheduledChunk]
+    num_sms: int | None = None
+    predicted_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+@dataclass(slots=True)
+class MultiplexedPlan:
+    """A prefill batch on `num_sms_prefill` SMs while `k` decode steps of the decode batch run back to back on
+    `num_sms_decode` other SMs."""
+
+    prefill: list[ScheduledChunk]
+    num_sms_prefill: int
+    decode: list[ScheduledChunk]
+    num_sms_decode: int
+    k: int = 1
+    predicted_time: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.prefill) + self.k * len(self.decode)
+
+
+Plan = AggregatedPlan | MultiplexedPlan

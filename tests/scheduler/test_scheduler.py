@@ -1,0 +1,108 @@
+"""Aggregated scheduler: decode-first chunked prefill, token budget, preemption with recompute, no lost or duplicated
+tokens. A fake model whose next token is a hash of the whole history stands in for the executor."""
+import pytest
+from hypothesis import given, strategies as st
+
+from minidu.scheduler.block_manager import BlockManager
+from minidu.scheduler.scheduler import Scheduler, SchedulerConfig
+from minidu.scheduler.sequence import Sequence
+
+VOCAB = 50
+
+
+def next_token(history: list[int]) -> int:
+    return hash(tuple(history)) % VOCAB
+
+
+def expected_output(prompt: list[int], max_tokens: int, stop: int | None) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens))
+        if tokens[-1] == stop:
+            break
+    return tokens[len(prompt):]
+
+
+def run(scheduler: Scheduler, max_steps: int = 10_000) -> list:
+    plans = []
+    while scheduler.has_unfinished():
+        plan = scheduler.schedule()
+        assert plan.chunks, "a step with unfinished requests must make progress"
+        assert plan.num_tokens <= scheduler.config.max_num_batched_tokens
+        sampled = {}
+        for c in plan.chunks:
+            assert c.start == c.seq.num_computed_tokens
+            assert len(c.seq.block_table) * scheduler.block_manager.block_size >= c.start + c.num_new_tokens
+            if c.samples:
+                sampled[c.seq.seq_id] = [next_token(c.seq.token_ids)]
+        scheduler.postprocess(plan, sampled)
+        plans.append(plan)
+        assert len(plans) < max_steps
+    return plans
+
+
+def make(num_blocks=64, block_size=4, budget=32, max_num_seqs=8, max_model_len=128, prefix=True):
+    bm = BlockManager(num_blocks, block_size, prefix)
+    return Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len), bm)
+
+
+requests = st.lists(st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), st.integers(1, 12)),
+                    min_size=1, max_size=6)
+
+
+@given(requests, st.integers(4, 24), st.integers(12, 40), st.booleans())
+def test_outputs_match_sequential_reference(reqs, budget, num_blocks, prefix):
+    sched = make(num_blocks=num_blocks, budget=budget, max_num_seqs=4, max_model_len=44, prefix=prefix)
+    seqs = []
+    for i, (prompt, max_tokens) in enumerate(reqs):
+        seq = Sequence(str(i), list(prompt), max_tokens, stop_token_ids=frozenset({7}))
+        sched.add(seq)
+        seqs.append(seq)
+    run(sched)
+    for seq, (prompt, max_tokens) in zip(seqs, reqs):
+        limit = min(max_tokens, 44 - len(prompt))
+        assert seq.output_token_ids == expected_output(prompt, limit, 7)
+        assert seq.finish_reason in ("stop", "length")
+    assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def test_decodes_come_first_and_prefill_is_chunked():
+    sched = make(budget=8)
+    a = Sequence("a", [1, 2, 3], 5)
+    sched.add(a)
+    run_one = sched.schedule()
+    sched.postprocess(run_one, {a.seq_id: [9]})
+    b = Sequence("b", list(range(20)), 5)
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("a", 1), ("b", 7)]
+    assert not plan.chunks[1].samples
+
+
+def test_tiny_pool_preempts_newest_and_recomputes():
+    sched = make(num_blocks=8, block_size=4, budget=16, max_model_len=32)
+    seqs = [Sequence(str(i), [i + 1] * 6, 20) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    run(sched)
+    assert sched.num_preemptions > 0
+    assert max(seqs, key=lambda s: s.seq_id).num_preemptions > 0
+    for s in seqs:
+        assert s.output_token_ids == expected_output([int(s.request_id) + 1] * 6, 20, None)
+
+
+def test_abort_frees_blocks():
+    sched = make()
+    a, b = Sequence("a", list(range(10)), 50), Sequence("b", list(range(5)), 50)
+    sched.add(a)
+    sched.add(b)
+    sched.postprocess(sched.schedule(), {a.seq_id: [1], b.seq_id: [2]})
+    assert sched.abort("a") is a and a.finish_reason == "abort"
+    assert sched.abort("missing") is None
+    sched.abort("b")
+    assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == 64
+
+
+def test_config_rejects_budget_below_num_seqs():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
