@@ -2,6 +2,7 @@
 import functools
 
 import torch
+import minidu._platform  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 import triton
 
 from minidu._platform import INTERPRET

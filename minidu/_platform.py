@@ -6,6 +6,10 @@ import logging
 import os
 import sys
 
+# The interpreter runs kernels as many tiny numpy ops; multi-threaded BLAS only adds overhead to them.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 logger = logging.getLogger("minidu")
 if not logger.handlers:
     _handler = logging.StreamHandler()

@@ -1,0 +1,117 @@
+"""Property tests of the persistent GEMM against a float64 PyTorch reference.
+
+Tolerances bound |gemm - ref| by rtol * (|x| @ |w|.T + |bias|), the scale of the rounding errors of a dot product:
+fp32 rtol 1e-5 (the kernel uses ieee fp32 dots, no tf32; K <= 200 here so even the worst case K * 2**-24 stays near it),
+fp16 rtol 2e-3 (the fp16 output rounding is 2**-11 ~ 4.9e-4 relative; accumulation is fp32),
+bf16 rtol 1.6e-2 (2**-8 output rounding).
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from minidu.kernels.gemm import gemm
+
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Shapes mix tiny, prime and non-power-of-two sizes; the sampled large ones span several tiles in M or N.
+ms = st.one_of(st.sampled_from([1, 2, 3, 7, 13, 17, 31, 67, 131]), st.integers(1, 80))
+ns = st.one_of(st.sampled_from([1, 5, 31, 97, 257, 2053]), st.integers(1, 300))
+ks = st.one_of(st.sampled_from([1, 3, 17, 64, 127, 130]), st.integers(1, 200))
+
+
+def _operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int, x_pad: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x_buf = torch.randn(m, k + x_pad, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    return x_buf[:, :k], w, bias
+
+
+def _assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        ref += bias.double()
+        scale += bias.double().abs()
+    err = (y.double() - ref).abs()
+    bound = RTOL[x.dtype] * scale + 1e-30
+    assert torch.all(err <= bound), f"max excess {(err - bound).max().item():.3e}"
+
+
+@given(m=ms, n=ns, k=ks, has_bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       num_sms=st.integers(1, 64), x_pad=st.integers(0, 3), out_pad=st.integers(0, 3), seed=st.integers(0, 2**16))
+@example(m=131, n=2053, k=130, has_bias=True, dtype=torch.float32, num_sms=5, x_pad=1, out_pad=2, seed=0)
+@example(m=577, n=37, k=19, has_bias=False, dtype=torch.float16, num_sms=3, x_pad=0, out_pad=1, seed=1)
+def test_gemm_matches_float64_reference(m, n, k, has_bias, dtype, num_sms, x_pad, out_pad, seed):
+    x, w, bias = _operands(m, n, k, dtype, seed, x_pad)
+    bias = bias if has_bias else None
+    out_buf = torch.full((m, n + out_pad), math.nan, dtype=dtype)
+    y = gemm(x, w, bias, num_sms=num_sms, out=out_buf[:, :n])
+    assert y.data_ptr() == out_buf.data_ptr() and y.shape == (m, n)
+    _assert_close(y, x, w, bias)
+    assert torch.isnan(out_buf[:, n:]).all(), "wrote past the out view's columns"
+
+
+@given(m=ms, n=ns, k=ks, dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_gemm_allocates_output_of_x_dtype(m, n, k, dtype):
+    x, w, bias = _operands(m, n, k, dtype, seed=m * n + k)
+    y = gemm(x, w, bias)
+    assert y.dtype == dtype and y.shape == (m, n) and y.is_contiguous()
+    _assert_close(y, x, w, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_bitwise_identical_for_any_num_sms(dtype):
+    # 131 rows and 2053 columns span several row and column tiles on every device.
+    x, w, bias = _operands(131, 2053, 19, dtype, seed=7)
+    first = gemm(x, w, bias, num_sms=1)
+    for num_sms in (2, 3, 7, None):
+        assert torch.equal(gemm(x, w, bias, num_sms=num_sms), first), f"num_sms={num_sms}"
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 5, 3), (4, 0, 3), (3, 6, 0)])
+def test_gemm_degenerate_shapes(m, n, k):
+    x, w, bias = _operands(m, n, k, torch.float32, seed=3)
+    y = gemm(x, w, bias, num_sms=2)
+    assert y.shape == (m, n)
+    torch.testing.assert_close(y, bias.expand(m, n), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tl.dot on bf16 is wrong in Triton's CPU interpreter")
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (17, 1000, 777), (300, 6144, 4096)])
+def test_gemm_bf16_cuda(m, n, k):
+    x, w, bias = (t.cuda() for t in _operands(m, n, k, torch.bfloat16, seed=11))
+    _assert_close(gemm(x, w, bias), x, w, bias)
+    assert torch.equal(gemm(x, w, bias, num_sms=8), gemm(x, w, bias, num_sms=None))
+
+
+def _bad_inputs():
+    x, w, bias = _operands(4, 6, 5, torch.float32, seed=5)
+    return [
+        ("x", lambda: gemm(x[0], w)),
+        ("x", lambda: gemm(x.long(), w)),
+        ("x", lambda: gemm(torch.randn(5, 4).T, w)),
+        ("w", lambda: gemm(x, w.half())),
+        ("w", lambda: gemm(x, w[:, :4])),
+        ("w", lambda: gemm(x, w.unsqueeze(0))),
+        ("w", lambda: gemm(x, torch.randn(5, 6).T)),
+        ("w", lambda: gemm(x, w.to("meta"))),
+        ("bias", lambda: gemm(x, w, bias[:5])),
+        ("bias", lambda: gemm(x, w, bias.half())),
+        ("bias", lambda: gemm(x, w, bias.to("meta"))),
+        ("out", lambda: gemm(x, w, out=torch.empty(4, 5))),
+        ("out", lambda: gemm(x, w, out=torch.empty(4, 6, dtype=torch.float16))),
+        ("out", lambda: gemm(x, w, out=torch.empty(6, 4).T)),
+        ("num_sms", lambda: gemm(x, w, num_sms=0)),
+        ("num_sms", lambda: gemm(x[:0], w, num_sms=-1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_gemm_rejects_bad_inputs(case):
+    name, call = _bad_inputs()[case]
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        call()
