@@ -1,0 +1,69 @@
+"""SwiGLU activation for the MLP: silu(gate) * up on the fused [gate | up] GEMM output."""
+import torch
+import triton
+import triton.language as tl
+
+from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+
+# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
+# (tests shrink this to force many tiles).
+TILE_ELEMS = 16384 if INTERPRET else 4096
+# Widest column strip of a tile.
+TILE_COLS = 16384 if INTERPRET else 1024
+
+
+@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+def _silu_and_mul_kernel(
+    x_ptr,  # [T, 2I], strides (stride_xt, 1)
+    out_ptr,  # [T, I], strides (stride_ot, 1)
+    num_tokens, inter, stride_xt, stride_ot,
+    NUM_PROGRAMS,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(inter, BLOCK_I)
+    num_tiles = tl.cdiv(num_tokens, BLOCK_T) * col_tiles
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        rows = (tile // col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (tile % col_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask = (rows < num_tokens)[:, None] & (cols < inter)[None, :]
+        gate_ptrs = x_ptr + (rows.to(tl.int64) * stride_xt)[:, None] + cols[None, :]
+        gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+        # sigmoid from exp(-|gate|) so no intermediate overflows to inf for large |gate|.
+        e = tl.exp(-tl.abs(gate))
+        sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        y = gate * sigmoid * up
+        tl.store(out_ptr + (rows.to(tl.int64) * stride_ot)[:, None] + cols[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor, *, num_sms: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I], computed in fp32 and stored in x.dtype.
+
+    Rows of x and out may be strided; their last dimension must be contiguous.
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[1] % 2:
+        raise ValueError(f"x must have an even last dimension [gate | up], got shape {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous in its last dimension, got strides {x.stride()}")
+    num_tokens, inter = x.shape[0], x.shape[1] // 2
+    if out is None:
+        out = torch.empty((num_tokens, inter), dtype=x.dtype, device=x.device)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(x.dtype,), device=x.device, shape=(num_tokens, inter))
+        if out.stride(1) != 1:
+            raise ValueError(f"out must be contiguous in its last dimension, got strides {out.stride()}")
+    if inter == 0:
+        return out
+
+    block_i = min(next_power_of_2(inter), TILE_COLS)
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_i))
+    num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(inter, block_i)
+    grid = num_programs(num_tiles, num_sms, x.device)
+    _silu_and_mul_kernel[(grid,)](
+        x, out, num_tokens, inter, x.stride(0), out.stride(0), grid,
+        BLOCK_T=block_t, BLOCK_I=block_i, num_warps=4,
+    )
+    return out

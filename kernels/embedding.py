@@ -1,0 +1,66 @@
+"""Token embedding lookup: gathers rows of the embedding table by token id."""
+import torch
+import triton
+import triton.language as tl
+
+from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+
+# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
+# (tests shrink this to force many tiles).
+TILE_ELEMS = 16384 if INTERPRET else 4096
+# Widest column strip of a tile.
+TILE_COLS = 16384 if INTERPRET else 1024
+
+
+@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+def _embedding_kernel(
+    ids_ptr,  # [T]
+    weight_ptr,  # [V, H], strides (stride_wv, 1)
+    out_ptr,  # [T, H], strides (stride_ot, 1)
+    num_tokens, hidden, stride_wv, stride_ot,
+    NUM_PROGRAMS,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(hidden, BLOCK_H)
+    num_tiles = tl.cdiv(num_tokens, BLOCK_T) * col_tiles
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        rows = (tile // col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (tile % col_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_mask = rows < num_tokens
+        mask = row_mask[:, None] & (cols < hidden)[None, :]
+        ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        vals = tl.load(weight_ptr + (ids * stride_wv)[:, None] + cols[None, :], mask=mask)
+        tl.store(out_ptr + (rows.to(tl.int64) * stride_ot)[:, None] + cols[None, :], vals, mask=mask)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """ids [T] int, weight [V, H] -> out [T, H] with out[t] = weight[ids[t]].
+
+    Ids must lie in [0, V): they are not checked here because that would need a device sync (the engine validates
+    prompts). Rows of weight and out may be strided; their last dimension must be contiguous.
+    """
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("ids", ids, ndim=1, dtypes=INDEX_DTYPES, device=weight.device, contiguous=True)
+    if weight.stride(1) != 1:
+        raise ValueError(f"weight must be contiguous in its last dimension, got strides {weight.stride()}")
+    num_tokens, hidden = ids.shape[0], weight.shape[1]
+    if out is None:
+        out = torch.empty((num_tokens, hidden), dtype=weight.dtype, device=weight.device)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(weight.dtype,), device=weight.device, shape=(num_tokens, hidden))
+        if out.stride(1) != 1:
+            raise ValueError(f"out must be contiguous in its last dimension, got strides {out.stride()}")
+    if hidden == 0:
+        return out
+
+    block_h = min(next_power_of_2(hidden), TILE_COLS)
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_h))
+    num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(hidden, block_h)
+    grid = num_programs(num_tiles, num_sms, weight.device)
+    _embedding_kernel[(grid,)](
+        ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), grid,
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+    )
+    return out

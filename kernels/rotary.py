@@ -1,0 +1,144 @@
+"""Rotary position embedding (rotate-half, as in HF Llama/NeoX) applied in place to q and k, plus the host-side
+inverse frequencies with default, linear and Llama-3 rope scaling."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+
+# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
+# (tests shrink this to force many tiles).
+TILE_ELEMS = 16384 if INTERPRET else 4096
+
+
+def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] float32 as Hugging Face transformers computes them (fp32, same op order).
+
+    rope_scaling is the config's dict: None or rope_type "default" (no scaling), "linear" (all frequencies divided by
+    factor) or "llama3" (low frequencies divided by factor, high ones kept, a smooth blend in between). The legacy
+    key "type" is read when "rope_type" is absent.
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
+        raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (float(rope_theta) ** exponents)
+    if rope_scaling is None:
+        return inv_freq
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / _scaling_value(rope_scaling, "factor")
+    if rope_type == "llama3":
+        return _llama3_scaled(inv_freq, rope_scaling)
+    raise ValueError(f"rope_scaling has unsupported rope_type {rope_type!r}; supported: 'default', 'linear', 'llama3'")
+
+
+def _scaling_value(rope_scaling: dict, key: str) -> float:
+    if key not in rope_scaling:
+        raise ValueError(f"rope_scaling is missing {key!r}")
+    return float(rope_scaling[key])
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    factor = _scaling_value(rope_scaling, "factor")
+    low_freq_factor = _scaling_value(rope_scaling, "low_freq_factor")
+    high_freq_factor = _scaling_value(rope_scaling, "high_freq_factor")
+    old_context_len = _scaling_value(rope_scaling, "original_max_position_embeddings")
+    if high_freq_factor == low_freq_factor:
+        raise ValueError("rope_scaling needs high_freq_factor != low_freq_factor")
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than the original context are interpolated (divided by factor); short ones are kept.
+    long_scaled = torch.where(wavelen > old_context_len / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * long_scaled / factor + smooth * long_scaled
+    is_medium = (wavelen >= old_context_len / high_freq_factor) & (wavelen <= old_context_len / low_freq_factor)
+    return torch.where(is_medium, blended, long_scaled)
+
+
+@triton.jit
+def _rotate_heads(
+    base_ptr,  # [T, heads, D], strides (stride_t, stride_h, 1)
+    tokens, token_mask, dims, dim_mask, cos, sin, num_heads, half_dim, stride_t, stride_h,
+    BLOCK_HEADS: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_HEADS)
+    offsets = (tokens.to(tl.int64) * stride_t)[:, None, None] + (heads * stride_h)[None, :, None] + dims[None, None, :]
+    mask = token_mask[:, None, None] & (heads < num_heads)[None, :, None] & dim_mask[None, None, :]
+    x1 = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base_ptr + offsets + half_dim, mask=mask, other=0.0).to(tl.float32)
+    # rotate_half: [x1, x2] -> [-x2, x1], so out = x * cos + rotate_half(x) * sin.
+    tl.store(base_ptr + offsets, (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty), mask=mask)
+    tl.store(base_ptr + offsets + half_dim, (x2 * cos + x1 * sin).to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+def _rotary_kernel(
+    q_ptr,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
+    k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
+    positions_ptr,  # [T]
+    inv_freq_ptr,  # [D // 2] float32
+    num_tokens, num_q_heads, num_kv_heads, half_dim,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    NUM_PROGRAMS,
+    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < half_dim
+    inv_freq = tl.load(inv_freq_ptr + dims, mask=dim_mask, other=0.0)
+    num_tiles = tl.cdiv(num_tokens, BLOCK_T)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_mask = tokens < num_tokens
+        positions = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
+        # One cos/sin per (token, frequency), shared by every q and k head of the token.
+        angles = positions[:, None] * inv_freq[None, :]
+        cos = tl.cos(angles)[:, None, :]
+        sin = tl.sin(angles)[:, None, :]
+        _rotate_heads(q_ptr, tokens, token_mask, dims, dim_mask, cos, sin, num_q_heads, half_dim,
+                      stride_qt, stride_qh, BLOCK_HQ)
+        _rotate_heads(k_ptr, tokens, token_mask, dims, dim_mask, cos, sin, num_kv_heads, half_dim,
+                      stride_kt, stride_kh, BLOCK_HK)
+
+
+def _check_heads(name: str, t, dtype: torch.dtype | None, device: torch.device | None) -> None:
+    check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES if dtype is None else (dtype,), device=device)
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
+                     num_sms: int | None = None) -> None:
+    """Rotates q [T, Hq, D] and k [T, Hk, D] in place by angle positions[t] * inv_freq (rotate-half convention).
+
+    q and k may be strided views (e.g. of the fused qkv output) with a contiguous last dimension; positions [T] int;
+    inv_freq [D // 2] float32 from rope_inv_freq. Angles, cos/sin and the rotation are computed in fp32.
+    """
+    _check_heads("q", q, None, None)
+    _check_heads("k", k, q.dtype, q.device)
+    num_tokens, num_q_heads, head_dim = q.shape
+    if head_dim == 0 or head_dim % 2:
+        raise ValueError(f"q must have an even, non-zero head_dim, got shape {tuple(q.shape)}")
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k has shape {tuple(k.shape)}, expected ({num_tokens}, Hk, {head_dim})")
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=q.device, shape=(num_tokens,),
+                 contiguous=True)
+    check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=q.device, shape=(head_dim // 2,),
+                 contiguous=True)
+
+    block_hq, block_hk = next_power_of_2(num_q_heads), next_power_of_2(max(k.shape[1], 1))
+    block_half = next_power_of_2(head_dim // 2)
+    token_elems = max(block_hq, block_hk) * block_half
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // token_elems))
+    grid = num_programs(triton.cdiv(num_tokens, block_t), num_sms, q.device)
+    _rotary_kernel[(grid,)](
+        q, k, positions, inv_freq, num_tokens, num_q_heads, k.shape[1], head_dim // 2,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), grid,
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        num_warps=min(8, max(1, block_t * token_elems // 512)),
+    )

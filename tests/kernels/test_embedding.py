@@ -1,0 +1,54 @@
+"""embedding gathers exactly the rows torch indexing gathers."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from minidu.kernels import embedding as embedding_module
+from minidu.kernels.embedding import embedding
+
+
+@given(t=st.sampled_from([0, 1, 2, 5, 13, 31]), vocab=st.sampled_from([1, 7, 50, 1000]),
+       hidden=st.sampled_from([1, 48, 64, 80, 96, 100]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       ids_dtype=st.sampled_from([torch.int32, torch.int64]), pad=st.sampled_from([0, 3]),
+       num_sms=st.integers(1, 40),
+       tiles=st.sampled_from([(64, 32), (embedding_module.TILE_ELEMS, embedding_module.TILE_COLS)]),
+       seed=st.integers(0, 2**31 - 1))
+def test_gathers_rows(t, vocab, hidden, dtype, ids_dtype, pad, num_sms, tiles, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden + pad, generator=gen).to(dtype)[:, :hidden]
+    ids = torch.randint(0, vocab, (t,), generator=gen, dtype=ids_dtype)
+    out = torch.full((t, hidden), float("nan"), dtype=dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embedding_module, "TILE_ELEMS", tiles[0])
+        mp.setattr(embedding_module, "TILE_COLS", tiles[1])
+        result = embedding(ids, weight, num_sms=num_sms, out=out)
+        single = embedding(ids, weight, num_sms=1)
+    assert result is out
+    assert torch.equal(out, weight[ids.long()])
+    assert torch.equal(single, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are only exact on CUDA")
+def test_bf16_cuda():
+    weight = torch.randn(5000, 2048, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 5000, (37,), device="cuda", dtype=torch.int32)
+    assert torch.equal(embedding(ids, weight, num_sms=5), weight[ids.long()])
+
+
+def test_bad_inputs_name_the_argument():
+    ids, weight = torch.tensor([0, 2]), torch.randn(4, 8)
+    cases = [
+        (dict(ids=ids.float()), "ids"),
+        (dict(ids=ids[None]), "ids"),
+        (dict(ids=torch.tensor([0, 1, 2, 3])[::2]), "ids"),
+        (dict(weight=torch.randn(8)), "weight"),
+        (dict(weight=weight.long()), "weight"),
+        (dict(weight=torch.randn(8, 4).t()), "weight"),
+        (dict(out=torch.empty(2, 7)), "out"),
+        (dict(out=torch.empty(2, 8, dtype=torch.float16)), "out"),
+        (dict(num_sms=0), "num_sms"),
+    ]
+    for override, name in cases:
+        args = dict(ids=ids, weight=weight) | override
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            embedding(args.pop("ids"), args.pop("weight"), **args)
