@@ -1,0 +1,243 @@
+"""Paged decode attention (flash-decoding): one query per request attends to its whole paged KV history; the keys are
+cut into fixed-size splits whose partial results a second kernel merges by log-sum-exp."""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs,
+                                  resolve_num_sms)
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hk, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hk, D]
+    partial_out_ptr,  # [B, Hq, num_splits, D] float32, normalized within the split
+    partial_lse_ptr,  # [B, Hq, num_splits] float32, base-2 log-sum-exp of the split's scaled scores
+    seq_lens_ptr,  # [B]
+    block_tables_ptr,  # [B, max_blocks]
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_bt,
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    partition_size,  # keys per split: a runtime value, so varying block-table widths do not recompile
+    num_kv_heads, num_splits, num_tiles, NUM_PROGRAMS,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # The GROUP query heads sharing a kv head are the rows of one tile (padded to BLOCK_H >= 16 for tl.dot), so each
+    # K/V tile is loaded once per kv head.
+    rows = tl.arange(0, BLOCK_H)
+    row_mask = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+    io_mask = row_mask[:, None] & dim_mask[None, :]
+    # int64 key indices: cache offsets can pass 2**31 elements (and the interpreter skips its int32 overflow checks).
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        split = tile % num_splits
+        kv_head = (tile // num_splits) % num_kv_heads
+        req = (tile // (num_splits * num_kv_heads)).to(tl.int64)
+        seq_len = tl.load(seq_lens_ptr + req)
+        kv_start = split * partition_size
+        kv_end = tl.minimum(seq_len, kv_start + partition_size)
+        head = kv_head * GROUP + rows
+        q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
+        block_table = block_tables_ptr + req * stride_bt
+        # A split past seq_len runs no step and leaves l_i = 0: it stores zeros and lse = -inf for the merge to drop.
+        # Otherwise key kv_start is unmasked, so the running max is finite after the first step.
+        for n_start in tl.range(kv_start, kv_end, BLOCK_N):
+            keys = n_start + cols
+            key_mask = keys < kv_end
+            # Padding entries of the block table lie past seq_len and are never loaded.
+            block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+            offset = keys % BLOCK_SIZE
+            k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + kv_head * stride_kh)[None, :]
+                        + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(key_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + kv_head * stride_vh)[:, None]
+                        + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        nonempty = l_i > 0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(partial_out_ptr + req * stride_pb + head[:, None] * stride_ph + split * stride_ps + dims[None, :],
+                 acc / l_safe[:, None], mask=io_mask)
+        tl.store(partial_lse_ptr + req * stride_lb + head * stride_lh + split, lse, mask=row_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    partial_out_ptr,  # [B, Hq, num_splits, D] float32
+    partial_lse_ptr,  # [B, Hq, num_splits] float32
+    out_ptr,  # [B, Hq, D]
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    num_heads, num_splits, num_tiles, NUM_PROGRAMS,
+    BLOCK_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head_blocks = tl.cdiv(num_heads, BLOCK_HEADS)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        req = (tile // head_blocks).to(tl.int64)
+        heads = (tile % head_blocks) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        lse_mask = (heads < num_heads)[:, None] & (splits < num_splits)[None, :]
+        lse = tl.load(partial_lse_ptr + req * stride_lb + heads[:, None] * stride_lh + splits[None, :], mask=lse_mask,
+                      other=float("-inf"))  # [BLOCK_HEADS, SPLITS_PAD]
+        # With seq_len 0 every split is empty: shifting by 0 instead of -inf keeps the weights 0 rather than NaN,
+        # and the output becomes zeros.
+        lse_max = tl.max(lse, 1)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        weight = tl.exp2(lse - lse_max[:, None])
+        partial = tl.load(partial_out_ptr + req * stride_pb + heads[:, None, None] * stride_ph
+                          + splits[None, :, None] * stride_ps + dims[None, None, :],
+                          mask=lse_mask[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0)
+        total = tl.sum(weight, 1)
+        out = tl.sum(weight[:, :, None] * partial, 1) / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_ptr + req * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(heads < num_heads)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@dataclass(slots=True)
+class DecodeTiles:
+    block_n: int  # keys per inner step
+    partition_size: int  # keys per split, a multiple of block_n
+    num_splits: int
+    num_warps: int
+
+
+def decode_tiles(max_blocks: int, block_size: int) -> DecodeTiles:
+    """Split layout from the block-table capacity alone (never the SM budget), so outputs are bitwise identical for
+    every num_sms. Splits are at least `min_partition` keys and at most `max_splits` per request, which bounds the
+    float32 workspace however long the padded block tables are."""
+    if INTERPRET:
+        # Small splits keep multi-split merging exercised by tiny test contexts.
+        block_n, min_partition, max_splits, num_warps = 32, 64, 4, 4
+    else:
+        block_n, min_partition, max_splits, num_warps = 64, 256, 32, 4
+    capacity = max(1, max_blocks * block_size)
+    partition = max(min_partition, triton.cdiv(triton.cdiv(capacity, max_splits), block_n) * block_n)
+    return DecodeTiles(block_n=block_n, partition_size=partition, num_splits=triton.cdiv(capacity, partition),
+                       num_warps=num_warps)
+
+
+def decode_workspace(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocates the float32 (partial_out [B, Hq, num_splits, D], partial_lse [B, Hq, num_splits]) buffers that
+    decode_attention needs; pass them back as `workspace` to keep allocations static (e.g. under CUDA graphs)."""
+    num_seqs, num_heads, head_dim = q.shape
+    splits = decode_tiles(block_tables.shape[1], k_cache.shape[1]).num_splits
+    return (torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device),
+            torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device))
+
+
+def _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms) -> None:
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    device = q.device
+    resolve_num_sms(num_sms, device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=device, shape=tuple(k_cache.shape))
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} does not match q head_dim {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv_heads})")
+    check_tensor("seq_lens", seq_lens, dtypes=INDEX_DTYPES, device=device, contiguous=True, shape=(num_seqs,))
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=device,
+                 shape=(num_seqs, None))
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must have a contiguous last dimension")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=device, shape=tuple(q.shape))
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dimension")
+
+
+def _check_workspace(workspace, q, num_splits) -> None:
+    if not isinstance(workspace, tuple) or len(workspace) != 2:
+        raise ValueError("workspace must be a (partial_out, partial_lse) tuple from decode_workspace")
+    num_seqs, num_heads, head_dim = q.shape
+    check_tensor("workspace[0]", workspace[0], dtypes=(torch.float32,), device=q.device, contiguous=True,
+                 shape=(num_seqs, num_heads, num_splits, head_dim))
+    check_tensor("workspace[1]", workspace[1], dtypes=(torch.float32,), device=q.device, contiguous=True,
+                 shape=(num_seqs, num_heads, num_splits))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, *, scale: float, num_sms: int | None = None,
+                     out: torch.Tensor | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of one query per request q [B, Hq, D] over keys 0..seq_lens[b]-1 of its paged K/V; returns
+    out [B, Hq, D]. Requests with seq_lens[b] == 0 (CUDA-graph padding) get zeros."""
+    _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    tiles = decode_tiles(block_tables.shape[1], block_size)
+    if workspace is None:
+        workspace = decode_workspace(q, k_cache, block_tables)
+    _check_workspace(workspace, q, tiles.num_splits)
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    partial_out, partial_lse = workspace
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, next_power_of_2(head_dim))
+    num_tiles = num_seqs * num_kv_heads * tiles.num_splits
+    grid = num_programs(num_tiles, num_sms, q.device)
+    _decode_split_kernel[(grid,)](
+        q, k_cache, v_cache, partial_out, partial_lse, seq_lens, block_tables,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E, tiles.partition_size,
+        num_kv_heads, tiles.num_splits, num_tiles, grid,
+        GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiles.num_warps,
+    )
+    # The interpreter pays per tile and per op, so it merges all heads of a request at once.
+    merge_heads = next_power_of_2(num_heads) if INTERPRET else 1
+    merge_tiles = num_seqs * triton.cdiv(num_heads, merge_heads)
+    merge_grid = num_programs(merge_tiles, num_sms, q.device)
+    _decode_merge_kernel[(merge_grid,)](
+        partial_out, partial_lse, out,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        out.stride(0), out.stride(1),
+        num_heads, tiles.num_splits, merge_tiles, merge_grid,
+        BLOCK_HEADS=merge_heads, SPLITS_PAD=next_power_of_2(tiles.num_splits), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        num_warps=4,
+    )
+    return out

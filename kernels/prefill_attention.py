@@ -1,0 +1,186 @@
+"""Paged prefill attention: causal flash attention for a variable-length batch of new tokens over each request's
+cached prefix plus the new tokens themselves, reading every key and value from the paged KV cache."""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs,
+                                  resolve_num_sms)
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hk, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hk, D]
+    out_ptr,  # [T, Hq, D]
+    cu_seqlens_q_ptr,  # [B + 1]
+    seq_lens_ptr,  # [B]
+    block_tables_ptr,  # [B, max_blocks]
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    num_seqs, num_kv_heads, num_tiles, NUM_PROGRAMS,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SEQS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # One tile row per (new token, query head of this kv head), heads fastest: the K/V tiles are loaded once for
+    # all GROUP query heads that share them.
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+    row_tok = rows // GROUP_PAD
+    row_head = rows % GROUP_PAD
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+    # int64 key indices: cache offsets can pass 2**31 elements (and the interpreter skips its int32 overflow checks).
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    seqs = tl.arange(0, SEQS_PAD)
+    seq_mask = seqs < num_seqs
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        slot = tile // num_kv_heads
+        kv_head = tile % num_kv_heads
+        # Request b owns q-block slots cu_seqlens_q[b] // BLOCK_M + b + [0, cdiv(q_len_b, BLOCK_M)); these ranges
+        # are disjoint and increasing in b, so the owner of `slot` is the last request whose first slot is <= slot.
+        first_slots = tl.load(cu_seqlens_q_ptr + seqs, mask=seq_mask, other=0) // BLOCK_M + seqs
+        req = tl.sum(((first_slots <= slot) & seq_mask).to(tl.int32), 0) - 1
+        q_start = tl.load(cu_seqlens_q_ptr + req)
+        q_len = tl.load(cu_seqlens_q_ptr + req + 1) - q_start
+        q_block = slot - (q_start // BLOCK_M + req)
+        if q_block * BLOCK_M < q_len:
+            seq_len = tl.load(seq_lens_ptr + req)
+            tok = q_block * BLOCK_M + row_tok
+            pos = seq_len - q_len + tok
+            head = kv_head * GROUP + row_head
+            row_mask = (tok < q_len) & (row_head < GROUP)
+            io_mask = row_mask[:, None] & dim_mask[None, :]
+            q_rows = (q_start + tok).to(tl.int64)
+            q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                        mask=io_mask, other=0.0)
+            m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+            acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+            # Key 0 is visible to every row (padding rows included), so the running max is finite after the first
+            # block and exp2 never sees (-inf) - (-inf).
+            kv_end = tl.minimum(seq_len, seq_len - q_len + (q_block + 1) * BLOCK_M)
+            block_table = block_tables_ptr + req.to(tl.int64) * stride_bt
+            for kv_start in tl.range(0, kv_end, BLOCK_N):
+                keys = kv_start + cols
+                key_mask = keys < kv_end
+                # Padding entries of the block table lie past seq_len and are never loaded.
+                block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+                offset = keys % BLOCK_SIZE
+                k_mask = key_mask[None, :] & dim_mask[:, None]
+                k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + kv_head * stride_kh)[None, :]
+                            + dims[:, None], mask=k_mask, other=0.0)  # [D_PAD, BLOCK_N]
+                s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+                s = tl.where((keys[None, :] <= pos[:, None]) & key_mask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + kv_head * stride_vh)[:, None]
+                            + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@dataclass(slots=True)
+class PrefillTiles:
+    block_m: int  # new tokens per tile (each brings `group_pad` query-head rows)
+    block_n: int  # keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+def prefill_tiles(group_pad: int, head_dim_pad: int, dtype: torch.dtype) -> PrefillTiles:
+    """Tile shapes: big tiles in the interpreter (its cost is per program and per op), Hopper-sized on CUDA."""
+    if INTERPRET:
+        return PrefillTiles(block_m=max(1, 64 // group_pad), block_n=64, num_warps=4, num_stages=1)
+    rows = 128 if head_dim_pad <= 128 else 64
+    block_m = max(1, rows // group_pad)
+    num_warps = 8 if block_m * group_pad * head_dim_pad >= 128 * 128 else 4
+    # fp32 K/V tiles are twice as large, so fewer of them fit in shared memory for pipelining.
+    return PrefillTiles(block_m=block_m, block_n=64, num_warps=num_warps,
+                        num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, num_sms) -> None:
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    device = q.device
+    resolve_num_sms(num_sms, device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=device, shape=tuple(k_cache.shape))
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} does not match q head_dim {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv_heads})")
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device, contiguous=True)
+    num_seqs = seq_lens.shape[0]
+    check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=INDEX_DTYPES, device=device, contiguous=True,
+                 shape=(num_seqs + 1,))
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=device,
+                 shape=(num_seqs, None))
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must have a contiguous last dimension")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=device, shape=tuple(q.shape))
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dimension")
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, *, scale: float,
+                      num_sms: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of new tokens q [T, Hq, D] over their requests' paged K/V; returns out [T, Hq, D].
+
+    Request b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its seq_lens[b] keys (cached prefix + new tokens, all
+    already in the cache) are found through block_tables[b]. New token j sits at position seq_lens[b] - q_len + j.
+    """
+    _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, num_sms)
+    if out is None:
+        out = torch.empty_like(q)
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_pad, head_dim_pad = next_power_of_2(group), max(16, next_power_of_2(head_dim))
+    tiles = prefill_tiles(group_pad, head_dim_pad, q.dtype)
+    # The number of q-blocks per request depends on data in cu_seqlens_q; reading it would sync the host with the
+    # GPU and break CUDA-graph capture. Instead every request gets slots from the shape-derived bound
+    # T // BLOCK_M + B (see the kernel), and the at most B slots nobody owns exit at once.
+    num_tiles = (num_tokens // tiles.block_m + num_seqs) * num_kv_heads
+    grid = num_programs(num_tiles, num_sms, q.device)
+    _prefill_attention_kernel[(grid,)](
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        num_seqs, num_kv_heads, num_tiles, grid,
+        GROUP=group, GROUP_PAD=group_pad, SEQS_PAD=next_power_of_2(num_seqs), BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
