@@ -1,0 +1,168 @@
+"""GPU throughput as a function of the SM budget: the compute and memory-bandwidth ceilings that the latency model's
+roofline uses, from datasheet-style presets or from tables measured by scripts/calibrate_hw.py."""
+import bisect
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class HardwareProfile:
+    """Achievable throughput of one GPU when a kernel may use `S` of its `num_sms` SMs.
+
+    Without measured tables, compute scales linearly in S (every SM has the same tensor cores) and bandwidth follows
+    bw(S) = mem_bandwidth * min(1, S / bandwidth_saturation_sms): each SM's load units add a fixed share until HBM
+    saturates, which takes only a fraction of the SMs. The piecewise-linear knee (rather than a smooth 1 - exp) matches
+    the shape of measured tables and makes the crossover explicit. With `flops_by_sms` / `bandwidth_by_sms` (budget ->
+    measured FLOP/s or B/s), values are interpolated linearly between budgets, scaled from the origin below the smallest
+    measured budget and held above the largest; a running maximum over budgets removes measurement noise so that more
+    SMs never predict less throughput (the partition optimizer relies on that monotonicity).
+    """
+
+    name: str
+    num_sms: int
+    peak_flops: float  # FLOP/s with all SMs, model dtype (bf16) dense
+    mem_bandwidth: float  # B/s once bandwidth saturates
+    bandwidth_saturation_sms: int  # smallest budget that reaches mem_bandwidth
+    # Seconds per decoder layer per step that the roofline misses: launch gaps between the layer's ~10 kernels and the
+    # partial last wave of each. 20 us/layer is ~2 us/kernel, typical of back-to-back launches on Hopper.
+    layer_overhead: float = 20e-6
+    flops_by_sms: dict[int, float] = field(default_factory=dict)
+    bandwidth_by_sms: dict[int, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # provenance (GPU name, date, versions) from calibration
+    _flops_points: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
+    _bandwidth_points: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        _check_int("num_sms", self.num_sms, 1, None)
+        _check_positive("peak_flops", self.peak_flops)
+        _check_positive("mem_bandwidth", self.mem_bandwidth)
+        _check_int("bandwidth_saturation_sms", self.bandwidth_saturation_sms, 1, self.num_sms)
+        if not isinstance(self.layer_overhead, int | float) or not math.isfinite(self.layer_overhead) \
+                or self.layer_overhead < 0:
+            raise ValueError(f"layer_overhead must be a finite number >= 0, got {self.layer_overhead!r}")
+        self._flops_points = _monotone_points("flops_by_sms", self.flops_by_sms, self.num_sms)
+        self._bandwidth_points = _monotone_points("bandwidth_by_sms", self.bandwidth_by_sms, self.num_sms)
+
+    def compute(self, num_sms: int) -> float:
+        """FLOP/s achievable by a kernel confined to `num_sms` SMs."""
+        _check_int("num_sms", num_sms, 1, self.num_sms)
+        if self.flops_by_sms:
+            return _interpolate(self._flops_points, num_sms)
+        return self.peak_flops * num_sms / self.num_sms
+
+    def bandwidth(self, num_sms: int) -> float:
+        """HBM bytes/s achievable by a kernel confined to `num_sms` SMs."""
+        _check_int("num_sms", num_sms, 1, self.num_sms)
+        if self.bandwidth_by_sms:
+            return _interpolate(self._bandwidth_points, num_sms)
+        return self.mem_bandwidth * min(1.0, num_sms / self.bandwidth_saturation_sms)
+
+    def to_json(self) -> str:
+        """The profile as a JSON object (table keys become strings, as JSON requires)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.init}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        """Parses `to_json` output; ValueError naming the problem for malformed input."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"hardware profile is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"hardware profile must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"hardware profile has unknown keys {unknown}; expected a subset of {sorted(known)}")
+        for key in ("flops_by_sms", "bandwidth_by_sms"):
+            if key in data:
+                data[key] = _parse_table(key, data[key])
+        if "metadata" in data and not isinstance(data["metadata"], dict):
+            raise ValueError("hardware profile metadata must be a JSON object")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required key is missing
+            raise ValueError(f"hardware profile is incomplete: {e}") from None
+
+
+# Achievable fractions of the datasheet: on an H200, a large bf16 GEMM reaches ~790e12 FLOP/s of the 989e12 dense peak
+# (0.8) and a device-to-device copy ~4.3e12 of the 4.8e12 B/s (0.9). The same fractions are applied to every preset;
+# a calibrated JSON profile replaces them with measured tables.
+COMPUTE_EFFICIENCY = 0.8
+BANDWIDTH_EFFICIENCY = 0.9
+
+
+def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float) -> HardwareProfile:
+    # HBM saturates with ~40% of the SMs (measured knees on Hopper sit between 1/3 and 1/2 of the SMs).
+    return HardwareProfile(name, num_sms, datasheet_flops * COMPUTE_EFFICIENCY,
+                           datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms))
+
+
+PRESETS: dict[str, tuple[int, float, float]] = {  # name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s)
+    "h100": (132, 989e12, 3.35e12),  # H100 SXM
+    "h200": (132, 989e12, 4.8e12),
+    "a100": (108, 312e12, 2.0e12),  # A100 SXM 80GB
+}
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A preset by name (case-insensitive: h100, h200, a100) or a JSON profile written by scripts/calibrate_hw.py."""
+    if isinstance(name_or_path, str) and name_or_path.lower() in PRESETS:
+        return _preset(name_or_path.lower(), *PRESETS[name_or_path.lower()])
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"name_or_path {str(name_or_path)!r} is neither a hardware preset {sorted(PRESETS)} "
+                         f"nor a profile JSON file")
+    try:
+        return HardwareProfile.from_json(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _check_int(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _parse_table(name: str, table) -> dict[int, float]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{name} must be a JSON object mapping SM counts to values")
+    try:
+        return {int(k): v for k, v in table.items()}
+    except ValueError:
+        raise ValueError(f"{name} keys must be integer SM counts, got {sorted(table)}") from None
+
+
+def _monotone_points(name: str, table: dict[int, float], num_sms: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Sorted (budgets, running-max values) of a measured table."""
+    for sms, value in table.items():
+        _check_int(f"{name} key", sms, 1, num_sms)
+        _check_positive(f"{name}[{sms}]", value)
+    budgets = tuple(sorted(table))
+    values, best = [], 0.0
+    for sms in budgets:
+        best = max(best, float(table[sms]))
+        values.append(best)
+    return budgets, tuple(values)
+
+
+def _interpolate(points: tuple[tuple[int, ...], tuple[float, ...]], num_sms: int) -> float:
+    budgets, values = points
+    i = bisect.bisect_left(budgets, num_sms)
+    if i == len(budgets):
+        return values[-1]
+    if budgets[i] == num_sms:
+        return values[i]
+    if i == 0:
+        return values[0] * num_sms / budgets[0]
+    s0, s1, v0, v1 = budgets[i - 1], budgets[i], values[i - 1], values[i]
+    return v0 + (v1 - v0) * (num_sms - s0) / (s1 - s0)

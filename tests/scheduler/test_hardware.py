@@ -1,0 +1,114 @@
+"""HardwareProfile: the saturation model, measured-table interpolation, presets and JSON round trips."""
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minidu.scheduler.hardware import HardwareProfile, load_profile
+
+
+def small_profile(**overrides) -> HardwareProfile:
+    fields = dict(name="toy", num_sms=10, peak_flops=5e12, mem_bandwidth=8e11, bandwidth_saturation_sms=4)
+    return HardwareProfile(**(fields | overrides))
+
+
+def test_model_compute_is_linear_and_bandwidth_saturates():
+    hw = small_profile()
+    # 5e12 FLOP/s over 10 SMs is 5e11 per SM; 8e11 B/s reached at 4 SMs is 2e11 per SM below the knee.
+    assert [hw.compute(s) for s in (1, 4, 10)] == pytest.approx([5e11, 2e12, 5e12], rel=1e-12)
+    assert [hw.bandwidth(s) for s in (1, 2, 3, 4, 7, 10)] == pytest.approx([2e11, 4e11, 6e11, 8e11, 8e11, 8e11],
+                                                                          rel=1e-12)
+
+
+def test_tables_interpolate_piecewise_linearly_with_running_max():
+    hw = small_profile(flops_by_sms={2: 4.0, 6: 3.0, 8: 10.0}, bandwidth_by_sms={5: 1.0})
+    # Below 2 SMs: scaled from the origin (4 * 1/2). 6 SMs measured 3 < 4 at 2 SMs: noise, held at 4.
+    # 7 SMs: halfway between 4 (6 SMs) and 10 (8 SMs). Above 8: held at 10.
+    expected = {1: 2.0, 2: 4.0, 3: 4.0, 6: 4.0, 7: 7.0, 8: 10.0, 10: 10.0}
+    assert {s: hw.compute(s) for s in expected} == pytest.approx(expected, rel=1e-12)
+    assert [hw.bandwidth(s) for s in (1, 5, 10)] == pytest.approx([0.2, 1.0, 1.0], rel=1e-12)
+
+
+@pytest.mark.parametrize("name, num_sms, flops, bandwidth", [
+    ("h100", 132, 989e12, 3.35e12), ("H200", 132, 989e12, 4.8e12), ("a100", 108, 312e12, 2.0e12)])
+def test_presets_are_achievable_fractions_of_the_datasheet(name, num_sms, flops, bandwidth):
+    hw = load_profile(name)
+    assert hw.num_sms == num_sms
+    assert 0.6 * flops <= hw.compute(num_sms) <= flops
+    assert 0.8 * bandwidth <= hw.bandwidth(num_sms) <= bandwidth
+    # HBM saturates with a third to a half of the SMs.
+    assert num_sms / 3 <= hw.bandwidth_saturation_sms <= num_sms / 2
+    assert hw.bandwidth(hw.bandwidth_saturation_sms - 1) < hw.bandwidth(num_sms)
+
+
+def test_json_round_trip_through_a_file(tmp_path):
+    hw = small_profile(flops_by_sms={2: 1e12, 10: 4e12}, bandwidth_by_sms={4: 7e11}, metadata={"gpu": "toy"},
+                       layer_overhead=3e-6)
+    path = tmp_path / "profile.json"
+    path.write_text(hw.to_json())
+    assert json.loads(path.read_text())["flops_by_sms"] == {"2": 1e12, "10": 4e12}
+    loaded = load_profile(path)
+    assert loaded == hw
+    assert loaded.compute(6) == hw.compute(6) == pytest.approx(2.5e12, rel=1e-12)
+    assert load_profile(str(path)) == hw
+
+
+def _as_json(**changes) -> str:
+    data = json.loads(small_profile().to_json()) | changes
+    return json.dumps({k: v for k, v in data.items() if v is not None})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (_as_json(peak_flops=None), "incomplete"),
+    (_as_json(colour="red"), "unknown keys"),
+    (_as_json(flops_by_sms={"two": 1.0}), "flops_by_sms keys"),
+    (_as_json(bandwidth_by_sms={"4": -1.0}), "bandwidth_by_sms"),
+    (_as_json(flops_by_sms={"11": 1.0}), "flops_by_sms key"),
+    (_as_json(flops_by_sms=[1.0]), "flops_by_sms"),
+    (_as_json(num_sms="ten"), "num_sms"),
+    (_as_json(bandwidth_saturation_sms=11), "bandwidth_saturation_sms"),
+    (_as_json(mem_bandwidth=0), "mem_bandwidth"),
+    (_as_json(metadata=[]), "metadata"),
+])
+def test_malformed_json_raises_value_error(text, match):
+    with pytest.raises(ValueError, match=match):
+        HardwareProfile.from_json(text)
+
+
+def test_load_profile_errors(tmp_path):
+    with pytest.raises(ValueError, match="name_or_path"):
+        load_profile("b200")
+    with pytest.raises(ValueError, match="name_or_path"):
+        load_profile(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_profile(bad)
+
+
+@pytest.mark.parametrize("num_sms", [0, 11, 2.0, True])
+def test_budget_out_of_range_raises(num_sms):
+    hw = small_profile()
+    with pytest.raises(ValueError, match="num_sms"):
+        hw.compute(num_sms)
+    with pytest.raises(ValueError, match="num_sms"):
+        hw.bandwidth(num_sms)
+
+
+tables = st.dictionaries(st.integers(1, 64), st.floats(1e9, 1e15), max_size=6)
+
+
+@given(flops=tables, bandwidth=tables, saturation=st.integers(1, 64))
+def test_throughput_never_drops_with_more_sms(flops, bandwidth, saturation):
+    hw = small_profile(num_sms=64, bandwidth_saturation_sms=saturation, flops_by_sms=flops,
+                       bandwidth_by_sms=bandwidth)
+    compute = [hw.compute(s) for s in range(1, 65)]
+    bw = [hw.bandwidth(s) for s in range(1, 65)]
+    for series in (compute, bw):
+        assert all(v > 0 for v in series)
+        assert all(a <= b * (1 + 1e-12) for a, b in zip(series, series[1:]))
+    for s, value in flops.items():  # measured points are reproduced unless a smaller budget measured more
+        assert hw.compute(s) == pytest.approx(max(v for t, v in flops.items() if t <= s), rel=1e-12)

@@ -1,0 +1,175 @@
+"""choose_partition: invariants of the decision, optimality against brute force, truncation and fallbacks."""
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minidu.scheduler.hardware import load_profile
+from minidu.scheduler.partition import choose_partition
+from minidu.scheduler.roofline import LatencyModel, ModelShape
+
+QWEN3_8B = ModelShape(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                      intermediate_size=12288, vocab_size=151936, qk_norm=True)
+MODEL = LatencyModel(QWEN3_8B, load_profile("h200"))
+S = 132
+
+
+def aggregated_throughput(decode, chunks) -> float:
+    requests = [(1, c) for c in decode] + chunks
+    return sum(q for q, _ in requests) / MODEL.step_time(requests, S)
+
+
+def decode_budgets(granularity: int) -> range:
+    return range(granularity, S - granularity + 1, granularity)
+
+
+def check_decision(d, decode, chunks, tau, granularity, max_k):
+    """Invariants every decision satisfies, recomputed from the latency model."""
+    assert d.num_sms == S and d.num_sms_prefill + d.num_sms_decode <= S
+    assert 1 <= d.k <= max_k
+    if d.mode == "aggregated":
+        t = MODEL.step_time([(1, c) for c in decode] + chunks, S)
+        assert (d.num_sms_prefill, d.num_sms_decode, d.k, d.num_prefill_chunks) == (0, 0, 1, len(chunks))
+        assert d.predicted_time == pytest.approx(t, rel=1e-12)
+        assert d.meets_tbt == (t <= tau)
+        return
+    assert d.num_sms_decode % granularity == 0 and granularity <= d.num_sms_decode <= S - granularity
+    assert d.num_sms_prefill == S - d.num_sms_decode
+    n, last = d.num_prefill_chunks, d.last_chunk_tokens
+    assert 1 <= n <= len(chunks) and 1 <= last <= chunks[n - 1][0]
+    t_d = MODEL.decode_time(decode, d.num_sms_decode)
+    t_p = MODEL.step_time(chunks[:n - 1] + [(last, chunks[n - 1][1])], d.num_sms_prefill)
+    assert d.decode_step_time == pytest.approx(t_d, rel=1e-12)
+    assert d.prefill_time == pytest.approx(t_p, rel=1e-12)
+    period = max(d.k * t_d, t_p)
+    assert d.predicted_time == pytest.approx(period, rel=1e-12)
+    tokens = d.k * len(decode) + sum(q for q, _ in chunks[:n - 1]) + last
+    assert d.predicted_throughput == pytest.approx(tokens / period, rel=1e-12)
+    assert d.k in (min(max_k, max(1, math.floor(t_p / t_d))), min(max_k, math.ceil(t_p / t_d)))
+    if d.meets_tbt:  # every decode token, including the one after waiting for the prefill, within tau
+        assert t_d <= tau and t_d + max(0.0, t_p - d.k * t_d) <= tau * (1 + 1e-12)
+
+
+def brute_force_best(decode, chunks, tau, granularity, max_k) -> float:
+    """Best multiplexed throughput over every decode budget, full FCFS prefix and k, honouring tau."""
+    best = 0.0
+    for s_d in decode_budgets(granularity):
+        t_d = MODEL.decode_time(decode, s_d)
+        if t_d > tau:
+            continue
+        for n in range(1, len(chunks) + 1):
+            t_p = MODEL.step_time(chunks[:n], S - s_d)
+            for k in range(1, max_k + 1):
+                if t_d + max(0.0, t_p - k * t_d) <= tau:
+                    tokens = k * len(decode) + sum(q for q, _ in chunks[:n])
+                    best = max(best, tokens / max(k * t_d, t_p))
+    return best
+
+
+decode_st = st.lists(st.integers(0, 32768), min_size=0, max_size=48)
+chunks_st = st.lists(st.tuples(st.integers(1, 8192), st.integers(0, 8192)), min_size=0, max_size=4)
+
+
+@given(decode=decode_st, chunks=chunks_st, tau=st.floats(1e-3, 0.2), granularity=st.sampled_from([1, 2, 4]),
+       max_k=st.integers(1, 16), prefer_tbt=st.booleans())
+def test_decisions_are_consistent_with_the_latency_model(decode, chunks, tau, granularity, max_k, prefer_tbt):
+    d = choose_partition(decode, chunks, tau, MODEL, granularity=granularity, max_k=max_k, prefer_tbt=prefer_tbt)
+    check_decision(d, decode, chunks, tau, granularity, max_k)
+    feasible = any(MODEL.decode_time(decode, s) <= tau for s in decode_budgets(granularity))
+    if d.mode == "multiplexed" and feasible:
+        assert d.meets_tbt
+    if not prefer_tbt and decode:
+        assert d.predicted_throughput >= aggregated_throughput(decode, chunks) * (1 - 1e-12)
+
+
+@given(decode=st.lists(st.integers(1024, 8192), min_size=16, max_size=96),
+       chunks=st.lists(st.tuples(st.integers(256, 4096), st.integers(0, 4096)), min_size=1, max_size=3),
+       tau_scale=st.floats(0.3, 0.95), max_k=st.integers(2, 16))
+def test_multiplexing_regime(decode, chunks, tau_scale, max_k):
+    # tau between the decode-only step and the aggregated step: aggregated breaks it, some partitions meet it.
+    t_decode = MODEL.decode_time(decode, S)
+    t_agg = MODEL.step_time([(1, c) for c in decode] + chunks, S)
+    tau = t_decode + tau_scale * (t_agg - t_decode)
+    d = choose_partition(decode, chunks, tau, MODEL, max_k=max_k)
+    check_decision(d, decode, chunks, tau, 2, max_k)
+    assert d.predicted_throughput >= aggregated_throughput(decode, chunks) * (1 - 1e-12)
+    # At least as good as every untruncated plan that meets tau; multiplexed plans meet tau.
+    best = brute_force_best(decode, chunks, tau, 2, max_k)
+    assert d.predicted_throughput >= best * (1 - 1e-12)
+    assert d.mode == "aggregated" or d.meets_tbt
+    tbt_first = choose_partition(decode, chunks, tau, MODEL, max_k=max_k, prefer_tbt=True)
+    check_decision(tbt_first, decode, chunks, tau, 2, max_k)
+    if best > 0:
+        assert tbt_first.mode == "multiplexed" and tbt_first.meets_tbt
+        assert tbt_first.predicted_throughput >= best * (1 - 1e-12)
+
+
+def test_optimizer_matches_brute_force_when_it_multiplexes():
+    decode, chunks, tau = [4096] * 64, [(2048, 0)], 0.03
+    d = choose_partition(decode, chunks, tau, MODEL)
+    assert d.mode == "multiplexed" and d.meets_tbt
+    assert d.predicted_throughput > aggregated_throughput(decode, chunks)
+    assert d.predicted_throughput == pytest.approx(brute_force_best(decode, chunks, tau, 2, 8), rel=1e-12)
+    check_decision(d, decode, chunks, tau, 2, 8)
+
+
+def test_long_chunk_is_truncated_to_fit_the_tbt_window():
+    decode, chunks, tau, max_k = [4096] * 64, [(16384, 0), (512, 0)], 0.03, 4
+    d = choose_partition(decode, chunks, tau, MODEL, max_k=max_k, prefer_tbt=True)
+    check_decision(d, decode, chunks, tau, 2, max_k)
+    assert d.mode == "multiplexed" and d.meets_tbt
+    assert d.num_prefill_chunks == 1 and d.last_chunk_tokens < 16384
+    # The next truncation level (1/64 of the chunk longer) would overrun the window of max_k decode steps.
+    longer = d.last_chunk_tokens + 16384 // 64
+    t_longer = MODEL.step_time([(longer, 0)], d.num_sms_prefill)
+    assert t_longer > max_k * d.decode_step_time + tau - d.decode_step_time
+
+
+def test_aggregated_when_it_meets_tau_or_nothing_to_separate():
+    decode, chunks = [4096] * 64, [(2048, 0)]
+    t_agg = MODEL.step_time([(1, c) for c in decode] + chunks, S)
+    for args in ((decode, chunks, t_agg), (decode, [], 1e-4), ([], chunks, 1e-4), ([], [], 1e-4)):
+        d = choose_partition(*args, MODEL)
+        assert d.mode == "aggregated"
+        check_decision(d, *args, 2, 8)
+    assert choose_partition([], [], 1e-3, MODEL).predicted_throughput == 0.0
+
+
+def test_unreachable_tau_uses_the_fastest_decode_budget():
+    decode, chunks = [8192] * 96, [(8192, 0)]
+    tau = 0.5 * MODEL.decode_time(decode, S)  # no budget meets it
+    d = choose_partition(decode, chunks, tau, MODEL)
+    check_decision(d, decode, chunks, tau, 2, 8)
+    assert not d.meets_tbt
+    if d.mode == "multiplexed":
+        fastest = min(MODEL.decode_time(decode, s) for s in decode_budgets(2))
+        assert d.decode_step_time == fastest
+
+
+def test_search_stays_small():
+    class CountingModel(LatencyModel):
+        works = times = 0
+
+        def work(self, requests):
+            CountingModel.works += 1
+            return super().work(requests)
+
+        def time(self, work, num_sms):
+            CountingModel.times += 1
+            return super().time(work, num_sms)
+
+    model = CountingModel(QWEN3_8B, load_profile("h200"))
+    choose_partition([4096] * 128, [(8192, 0), (2048, 100), (1024, 0), (512, 0)], 0.03, model, max_k=16)
+    # At most the aggregated step, the decode step and 64 truncation levels per chunk prefix are built.
+    assert CountingModel.works <= 2 + 4 * 64 and CountingModel.times <= 1000
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decode_context_lens=[-1]), "decode_context_lens"), (dict(prefill_chunks=[(0, 0)]), "prefill_chunks"),
+    (dict(prefill_chunks=[(1,)]), "prefill_chunks"), (dict(tau=0.0), "tau"), (dict(tau=math.inf), "tau"),
+    (dict(num_sms=133), "num_sms"), (dict(granularity=0), "granularity"), (dict(max_k=0), "max_k")])
+def test_bad_arguments_raise(kwargs, match):
+    args = dict(decode_context_lens=[10], prefill_chunks=[(4, 0)], tau=1e-3, model=MODEL) | kwargs
+    with pytest.raises(ValueError, match=match):
+        choose_partition(**args)
