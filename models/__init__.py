@@ -1,0 +1,8 @@
+"""Model side of minidu: HF configs and presets, the Llama/Qwen2/Qwen3 decoder on Triton kernels, and its loader."""
+from minidu.models.attention import AttentionMetadata
+from minidu.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from minidu.models.llama import CausalLM
+from minidu.models.loader import load_model
+from minidu.models.presets import PRESETS
+
+__all__ = ["AttentionMetadata", "CausalLM", "ModelConfig", "PRESETS", "SUPPORTED_ARCHITECTURES", "load_model"]

@@ -1,0 +1,277 @@
+"""Reads llama.cpp GGUF checkpoints: a Hugging Face style config dict from the metadata and HF-named tensors
+dequantized by gguf's own reference code, with llama.cpp's q/k row permutation undone for llama-arch files."""
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    import gguf
+except ImportError:  # optional extra: pip install 'minidu[gguf]'
+    gguf = None
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Per-layer llama.cpp tensor names (blk.N.<key>.weight|bias) -> HF module names under model.layers.N.
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# llama.cpp stores Llama-3 rope scaling as per-frequency divisors instead of metadata keys.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _require_gguf() -> None:
+    if gguf is None:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'minidu[gguf]'")
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as e:  # bad magic, unsupported version, truncated header
+        raise ValueError(f"path {path!r} is not a readable GGUF file: {e}") from e
+
+
+def _open_reader(path: str | os.PathLike):
+    """Parses `path` once per (file, mtime, size): metadata and tensor reads share one memory-mapped reader."""
+    _require_gguf()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path {path!r} is not a GGUF file")
+    stat = os.stat(path)
+    return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _field_value(field) -> Any:
+    value = field.contents()
+    if isinstance(value, list):
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every metadata key of a GGUF file (general.*, <arch>.*, tokenizer.*) as plain Python values."""
+    reader = _open_reader(path)
+    return {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_tensor_name(name: str) -> str:
+    """The Hugging Face name of a llama.cpp tensor name; ValueError naming it when it has no HF counterpart."""
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS \
+            and parts[3] in ("weight", "bias"):
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face counterpart in the supported architectures")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf.py's LlamaModel.permute for one q/k weight [rows, in] or bias [rows].
+
+    The converter views each head's rows as (2, head_dim/2) (HF rotate-half halves) and transposes them to
+    (head_dim/2, 2) so rotation pairs sit next to each other; reading the rows back as (head_dim/2, 2) and
+    transposing restores HF's layout.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"q/k tensor with {rows} rows cannot be split into {n_head} heads of even size")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_dequantizable(name: str, qtype) -> None:
+    """Dequantizes one zero block, so the check follows whatever the installed gguf.quants supports."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        raise ValueError(f"GGUF tensor {name!r} has quantization type {qtype.name}, "
+                         "which gguf.quants cannot dequantize") from None
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """float32 array in numpy (= HF) axis order: GGUF lists dims fastest-first (ne0 = row length)."""
+    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    data = data.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
+    return data if data.flags.writeable else data.copy()
+
+
+def _f32_literal(value: float) -> float:
+    """Shortest decimal that round-trips a float32 metadata value (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def _llama3_freq_factors(head_dim: int, rope_theta: float, scaling: dict) -> np.ndarray:
+    """HF/llama.cpp Llama-3 rope divisors per frequency (float64), used to recognise rope_freqs tensors."""
+    inv_freq = rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old, low, high, factor = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
+                              scaling["high_freq_factor"], scaling["factor"])
+    smooth = (old / wavelen - low) / (high - low)
+    factors = 1.0 / ((1.0 - smooth) / factor + smooth)
+    factors = np.where(wavelen < old / high, 1.0, factors)
+    return np.where(wavelen > old / low, factor, factors)
+
+
+def _llama3_scaling_from_freqs(freqs: np.ndarray, head_dim: int, rope_theta: float) -> dict | None:
+    """Recovers HF's llama3 rope_scaling dict from llama.cpp's rope_freqs divisors.
+
+    The divisors depend on (original context, low, high) only through their ratios, so low_freq_factor is
+    fixed to 1 and the other two are solved from the smoothly interpolated frequencies, then verified.
+    """
+    freqs = freqs.astype(np.float64)
+    factor = float(freqs.max())
+    if factor == 1.0:
+        return None
+    inv_freq = rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (1.0 / freqs - 1.0 / factor) / (1.0 - 1.0 / factor)
+    medium = (smooth > 1e-6) & (smooth < 1 - 1e-6)
+    if medium.sum() < 2:
+        raise ValueError(f"{_ROPE_FREQS} has fewer than two interpolated frequencies; "
+                         "cannot recover the llama3 rope_scaling parameters")
+    # smooth = (old * inv_freq / (2 pi) - 1) / (high - 1): linear in the unknowns (old, high - 1).
+    lhs = np.stack([inv_freq[medium] / (2 * math.pi), -smooth[medium]], axis=1)
+    (old, high_minus_one), *_ = np.linalg.lstsq(lhs, np.ones(int(medium.sum())), rcond=None)
+    scaling = {"rope_type": "llama3", "factor": _f32_literal(factor), "low_freq_factor": 1.0,
+               "high_freq_factor": round(float(high_minus_one) + 1.0, 4),
+               "original_max_position_embeddings": int(round(float(old)))}
+    if not np.allclose(_llama3_freq_factors(head_dim, rope_theta, scaling), freqs, rtol=1e-4, atol=0):
+        raise ValueError(f"{_ROPE_FREQS} does not follow the llama3 rope scaling formula")
+    return scaling
+
+
+def _rope_scaling(meta: dict, arch: str, rope_freqs: np.ndarray | None, head_dim: int,
+                  rope_theta: float) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and f"{arch}.rope.scale_linear" in meta:  # pre-2024 files
+        kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
+    if kind not in (None, "none"):
+        scaling = {"rope_type": kind, "factor": _f32_literal(factor)}
+        if f"{arch}.rope.scaling.original_context_length" in meta:
+            scaling["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+        return scaling
+    if rope_freqs is not None:
+        return _llama3_scaling_from_freqs(rope_freqs, head_dim, rope_theta)
+    return None
+
+
+def _single_value(meta: dict, key: str, default=None) -> int:
+    """A per-model count that llama.cpp may also store per layer (an array); only uniform arrays are supported."""
+    value = meta.get(key, default)
+    if value is None:
+        raise ValueError(f"GGUF metadata lacks {key!r}")
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"GGUF metadata {key!r} varies per layer ({value}); not supported")
+        value = value[0]
+    return int(value)
+
+
+def _torch_dtype_name(tensors) -> str:
+    types = {t.tensor_type for t in tensors if len(t.shape) == 2}
+    if gguf.GGMLQuantizationType.BF16 in types:
+        return "bfloat16"
+    if types <= {gguf.GGMLQuantizationType.F32}:
+        return "float32"
+    return "float16"
+
+
+def gguf_hf_config(meta: dict, tensors, rope_freqs: np.ndarray | None = None) -> dict:
+    """The Hugging Face config.json equivalent of a GGUF file's metadata and tensor list."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})")
+    names = {t.name: t for t in tensors}
+    if "token_embd.weight" not in names:
+        raise ValueError("GGUF file has no token_embd.weight tensor")
+    hidden = _single_value(meta, f"{arch}.embedding_length")
+    heads = _single_value(meta, f"{arch}.attention.head_count")
+    head_dim = _single_value(meta, f"{arch}.attention.key_length", hidden // heads)
+    rope_dim = _single_value(meta, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(f"{arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary "
+                         "embeddings are not supported")
+    rope_theta = _f32_literal(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": int(names["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "intermediate_size": _single_value(meta, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _single_value(meta, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _single_value(meta, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32_literal(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim, rope_theta),
+        "max_position_embeddings": _single_value(meta, f"{arch}.context_length"),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "torch_dtype": _torch_dtype_name(tensors),
+    }
+    if "tokenizer.ggml.bos_token_id" in meta:
+        config["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
+    # End-of-turn ids stop generation as well (HF keeps them in a list-valued eos_token_id).
+    eos = [int(meta[f"tokenizer.ggml.{key}_token_id"]) for key in ("eos", "eot", "eom")
+           if f"tokenizer.ggml.{key}_token_id" in meta]
+    eos = list(dict.fromkeys(eos))
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return config
+
+
+def _hf_tensors(reader, arch: str, config: dict, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue
+        name = hf_tensor_name(tensor.name)
+        data = _dequantize(tensor)
+        # Only the llama converter permutes q/k (weights and biases); Qwen2/Qwen3 keep HF's layout.
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            data = unpermute_qk(data, heads)
+        elif arch == "llama" and ".self_attn.k_proj." in name:
+            data = unpermute_qk(data, kv_heads)
+        yield name, torch.from_numpy(data).to(dtype)
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+              ) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(HF config dict, lazy iterator of (HF name, tensor in `dtype`)) for a llama / qwen2 / qwen3 GGUF file.
+
+    The architecture, tensor names and quantization types are all validated before the iterator is returned,
+    so unsupported files fail here rather than halfway through loading. Tokenizer metadata: read_gguf_metadata.
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    reader = _open_reader(path)
+    meta = read_gguf_metadata(path)
+    rope_freqs = next((_dequantize(t) for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    config = gguf_hf_config(meta, reader.tensors, rope_freqs)
+    for tensor in reader.tensors:
+        if tensor.name != _ROPE_FREQS:
+            hf_tensor_name(tensor.name)
+        _check_dequantizable(tensor.name, tensor.tensor_type)
+    return config, _hf_tensors(reader, meta["general.architecture"], config, dtype)
