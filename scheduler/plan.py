@@ -19,7 +19,8 @@ class ScheduledChunk:
 
     @property
     def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.start > 0
+        """One token that produces the next: runs through decode attention (and may run k look-ahead steps)."""
+        return self.num_new_tokens == 1 and self.samples
 
 
 @dataclass(slots=True)
@@ -54,3 +55,15 @@ class MultiplexedPlan:
 
 
 Plan = AggregatedPlan | MultiplexedPlan
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What an executor hands back: each sampling sequence's new tokens and when each was produced (executor clock)."""
+
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    times: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, seq_id: int, tokens: list[int], times: list[float]) -> None:
+        assert len(tokens) == len(times)
+        self.tokens[seq_id], self.times[seq_id] = tokens, times

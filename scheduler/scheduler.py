@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from minidu.scheduler.block_manager import BlockManager
-from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk
+from minidu.scheduler.plan import AggregatedPlan, Plan, ScheduledChunk, StepOutput
 from minidu.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -59,12 +59,16 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
-    def schedule(self) -> AggregatedPlan:
-        """The aggregated step: every running decode, then prefill chunks filling `max_num_batched_tokens`."""
+    def schedule(self, decodes: bool = True, prefills: bool = True) -> AggregatedPlan:
+        """The aggregated step: every running decode, then prefill chunks filling `max_num_batched_tokens`.
+
+        `decodes=False` or `prefills=False` leaves that kind of work out (prefill-first scheduling uses both).
+        """
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        queue = decodes + [s for s in self.running if s.num_uncomputed_tokens > 1]
+        queue = [s for s in self.running if s.num_uncomputed_tokens == 1] if decodes else []
+        if prefills:
+            queue += [s for s in self.running if s.num_uncomputed_tokens > 1]
         while queue:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed_tokens, budget)
@@ -73,7 +77,7 @@ class Scheduler:
             if self._make_room(seq, n, queue):
                 chunks.append(self._take(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while prefills and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             self.block_manager.allocate_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
@@ -117,17 +121,18 @@ class Scheduler:
         assert chunk.is_decode and k >= 1
         self.block_manager.append_slots(chunk.seq, k)
 
-    def postprocess(self, plan: Plan, sampled: dict[int, list[int]]) -> list[tuple[Sequence, list[int]]]:
+    def postprocess(self, plan: Plan, output: StepOutput) -> list[tuple[Sequence, list[int], list[float]]]:
         """Applies a finished step: advances computed-token counts, appends sampled tokens, finishes and frees requests.
 
-        Returns each advanced sequence with the tokens it gained this step (empty for mid-prompt chunks).
+        Returns each advanced sequence with the tokens it kept this step and their times (empty for mid-prompt
+        chunks); look-ahead tokens after a stop are dropped.
         """
         chunks = plan.chunks if isinstance(plan, AggregatedPlan) else [*plan.prefill, *plan.decode]
         updates = []
         for chunk in chunks:
             seq = chunk.seq
             new_tokens = []
-            for token in sampled.get(seq.seq_id, []) if chunk.samples else []:
+            for token in output.tokens.get(seq.seq_id, []) if chunk.samples else []:
                 seq.token_ids.append(token)
                 new_tokens.append(token)
                 reason = self._finish_reason(seq, token)
@@ -138,7 +143,7 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
             if seq.finish_reason:
                 self.finish(seq, seq.finish_reason)
-            updates.append((seq, new_tokens))
+            updates.append((seq, new_tokens, output.times.get(seq.seq_id, [])[:len(new_tokens)]))
         return updates
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -24,6 +24,7 @@ class Sequence:
     arrival_time: float = 0.0
     stop_token_ids: frozenset[int] = frozenset()  # eos ids (unless ignore_eos) and the request's own stop ids
     params: object = None  # the request's SamplingParams; opaque to the scheduler
+    seed: int = 0  # the sampler's per-request seed
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minidu.scheduler.block_manager import BlockManager
+from minidu.scheduler.plan import StepOutput
 from minidu.scheduler.scheduler import Scheduler, SchedulerConfig
 from minidu.scheduler.sequence import Sequence
 
@@ -29,12 +30,12 @@ def run(scheduler: Scheduler, max_steps: int = 10_000) -> list:
         plan = scheduler.schedule()
         assert plan.chunks, "a step with unfinished requests must make progress"
         assert plan.num_tokens <= scheduler.config.max_num_batched_tokens
-        sampled = {}
+        sampled = StepOutput()
         for c in plan.chunks:
             assert c.start == c.seq.num_computed_tokens
             assert len(c.seq.block_table) * scheduler.block_manager.block_size >= c.start + c.num_new_tokens
             if c.samples:
-                sampled[c.seq.seq_id] = [next_token(c.seq.token_ids)]
+                sampled.add(c.seq.seq_id, [next_token(c.seq.token_ids)], [0.0])
         scheduler.postprocess(plan, sampled)
         plans.append(plan)
         assert len(plans) < max_steps
@@ -71,7 +72,7 @@ def test_decodes_come_first_and_prefill_is_chunked():
     a = Sequence("a", [1, 2, 3], 5)
     sched.add(a)
     run_one = sched.schedule()
-    sched.postprocess(run_one, {a.seq_id: [9]})
+    sched.postprocess(run_one, StepOutput({a.seq_id: [9]}))
     b = Sequence("b", list(range(20)), 5)
     sched.add(b)
     plan = sched.schedule()
@@ -96,7 +97,7 @@ def test_abort_frees_blocks():
     a, b = Sequence("a", list(range(10)), 50), Sequence("b", list(range(5)), 50)
     sched.add(a)
     sched.add(b)
-    sched.postprocess(sched.schedule(), {a.seq_id: [1], b.seq_id: [2]})
+    sched.postprocess(sched.schedule(), StepOutput({a.seq_id: [1], b.seq_id: [2]}))
     assert sched.abort("a") is a and a.finish_reason == "abort"
     assert sched.abort("missing") is None
     sched.abort("b")

@@ -1,0 +1,87 @@
+"""Command line: `python -m minidu generate --model PATH_OR_PRESET --prompt "..."` continues a prompt;
+`python -m minidu chat --model smollm2-135m "What is the capital of France?"` answers with the model's chat template."""
+import argparse
+import sys
+
+from minidu.sampling_params import SamplingParams
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory, preset name (random weights) or Hub repo id")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m minidu", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a continuation of a prompt, streaming tokens")
+    _add_common(gen)
+    gen.add_argument("--prompt", required=True, help="text, or comma-separated token ids for models without tokenizer")
+    chat = sub.add_parser("chat", help="answer a message with the model's chat template, streaming tokens")
+    _add_common(chat)
+    chat.add_argument("message")
+    chat.add_argument("--system", default=None, help="an optional system message")
+    return parser.parse_args(argv)
+
+
+def _prompt(text: str):
+    parts = text.split(",")
+    if all(p.strip().isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text
+
+
+def stream(engine, prompt, params: SamplingParams) -> None:
+    """Prints a request's text (or token ids) as it is generated."""
+    request_id = engine.add_request(prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            if out.error:
+                raise SystemExit(f"error: {out.error}")
+            if engine.tokenizer is None:
+                for t in out.new_token_ids:
+                    print(t, end=" ", flush=True)
+            else:
+                print(out.text[printed:], end="", flush=True)
+                printed = len(out.text)
+            if out.finished:
+                print(f"\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from minidu.engine import Engine
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+        engine = Engine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        enforce_eager=args.enforce_eager, max_num_seqs=8, max_num_batched_tokens=2048)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.command == "generate":
+        stream(engine, _prompt(args.prompt), params)
+        return
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}]
+    try:
+        prompt, params = engine.chat_request(messages, params)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    stream(engine, prompt, params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Engine settings and the assembly of an engine's parts: model, tokenizer, KV-cache size, scheduler, executor, policy."""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from minidu._platform import INTERPRET
+from minidu.model_runner import ModelRunner
+from minidu.models.config import ModelConfig
+from minidu.models.loader import build_model, resolve_dtype, resolve_model
+from minidu.scheduler.block_manager import BlockManager
+from minidu.kernels.utils import device_num_sms
+from minidu.scheduler.hardware import HardwareProfile, load_profile
+from minidu.scheduler.policy import POLICIES, AggregatedPolicy, DuetPolicy, PrefillFirstPolicy, StaticPolicy
+from minidu.scheduler.roofline import LatencyModel, ModelShape
+from minidu.scheduler.sim_executor import SimulatedExecutor
+from minidu.scheduler.scheduler import Scheduler, SchedulerConfig
+from minidu.tokenizer import Tokenizer
+
+logger = logging.getLogger("minidu")
+
+CPU_NUM_KV_BLOCKS = 256
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    seed: int = 0
+    policy: str = "aggregated"
+    tbt_slo_ms: float | None = None
+    enforce_eager: bool = False
+    backend: str = "gpu"
+    hardware: str | None = None
+    decode_sms: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if self.backend not in ("gpu", "sim"):
+            raise ValueError(f"backend must be 'gpu' (run the model) or 'sim' (simulate it), got {self.backend!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.tbt_slo_ms is not None and not self.tbt_slo_ms > 0:
+            raise ValueError(f"tbt_slo_ms must be > 0, got {self.tbt_slo_ms}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(slots=True)
+class EngineParts:
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+    scheduler: Scheduler
+    executor: ModelRunner | SimulatedExecutor
+    policy: object
+    max_model_len: int
+
+
+# HBM of the GPUs the simulated backend knows, for sizing its KV cache (a profile JSON may give memory_bytes instead).
+GPU_MEMORY_BYTES = {"h100": 80e9, "h200": 141e9, "a100": 80e9}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and INTERPRET:
+        raise ValueError("device cuda was asked for, but Triton runs interpreted here (no CUDA or TRITON_INTERPRET=1)")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device}")
+    return device
+
+
+def engine_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The config's dtype, except that interpreted runs use float32 for bf16 models (the interpreter's bf16 dot is wrong)."""
+    resolved = resolve_dtype(dtype, config)
+    if device.type == "cpu" and resolved == torch.bfloat16:
+        if dtype != "auto":
+            raise ValueError("dtype bfloat16 cannot run on the CPU: Triton's interpreter computes bf16 matmuls wrongly; "
+                             "use float32 or float16")
+        logger.info("model dtype is bfloat16; running in float32 on the CPU")
+        return torch.float32
+    return resolved
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * block_size * _element_size(dtype)
+
+
+def _activation_bytes(cfg: EngineConfig, c: ModelConfig, dtype: torch.dtype) -> int:
+    """A generous bound on one step's live activations: a few token-wide buffers plus fp32 logits."""
+    width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + 2 * c.intermediate_size + 2 * c.hidden_size
+    return 3 * cfg.max_num_batched_tokens * width * _element_size(dtype) + cfg.max_num_seqs * c.vocab_size * 4
+
+
+def _blocks_in(available: float, cfg: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    blocks = int(available // kv_bytes_per_block(model_config, cfg.block_size, dtype))
+    if blocks < 1:
+        raise ValueError(f"no memory left for the KV cache ({available / 2**30:.1f} GiB after weights and "
+                         f"activations); raise gpu_memory_utilization or lower max_num_batched_tokens")
+    return blocks
+
+
+def num_kv_blocks_for(cfg: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """`num_kv_blocks`, or what fits in gpu_memory_utilization of the device after weights and activations."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    if device.type != "cuda":
+        return CPU_NUM_KV_BLOCKS
+    free, total = torch.cuda.mem_get_info(device)
+    available = free - total * (1 - cfg.gpu_memory_utilization) - _activation_bytes(cfg, model_config, dtype)
+    return _blocks_in(available, cfg, model_config, dtype)
+
+
+def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: HardwareProfile, dtype: torch.dtype) -> int:
+    """The KV blocks the simulated GPU would hold: its memory times gpu_memory_utilization, less weights and activations."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    memory = float(hw.metadata.get("memory_bytes", GPU_MEMORY_BYTES.get(hw.name, 0)))
+    if not memory:
+        raise ValueError(f"the memory of hardware {hw.name!r} is unknown: pass num_kv_blocks")
+    c = model_config
+    weights = (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
+        c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
+    available = memory * cfg.gpu_memory_utilization - weights * _element_size(dtype) - _activation_bytes(cfg, c, dtype)
+    return _blocks_in(available, cfg, c, dtype)
+
+
+def model_shape(c: ModelConfig, dtype: torch.dtype) -> ModelShape:
+    return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                      c.intermediate_size, c.vocab_size, _element_size(dtype), c.qk_norm, c.attention_bias)
+
+
+def hardware_profile(cfg: EngineConfig, device: torch.device) -> HardwareProfile | None:
+    """The profile the latency model uses: `hardware`, else the CUDA device's by name, else H200 in simulation."""
+    if cfg.hardware is not None:
+        return load_profile(cfg.hardware)
+    if cfg.backend == "sim":
+        return load_profile("h200")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for preset in ("h200", "h100", "a100"):
+            if preset in name:
+                return load_profile(preset)
+    return None
+
+
+def build_parts(cfg: EngineConfig) -> EngineParts:
+    sim = cfg.backend == "sim"
+    device = torch.device("cpu") if sim else resolve_device(cfg.device)
+    path, model_config = resolve_model(cfg.model, "dummy" if sim else cfg.load_format)
+    dtype = resolve_dtype(cfg.dtype, model_config) if sim else engine_dtype(cfg.dtype, model_config, device)
+    hw = hardware_profile(cfg, device)
+    if sim:
+        num_blocks = sim_num_kv_blocks(cfg, model_config, hw, dtype)
+    else:
+        num_blocks = num_kv_blocks_for(cfg, model_config, device, dtype)
+    capacity = num_blocks * cfg.block_size
+    max_model_len = cfg.max_model_len or min(model_config.max_position_embeddings, capacity)
+    if max_model_len > capacity:
+        raise ValueError(f"max_model_len={max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
+                         f"{cfg.block_size} tokens = {capacity}); lower it or give more KV blocks")
+    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len),
+                          BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching))
+    latency = LatencyModel(model_shape(model_config, dtype), hw) if hw is not None else None
+    num_sms = hw.num_sms if hw is not None else device_num_sms()
+    policy = make_policy(cfg, latency, num_sms)
+    if sim:
+        executor = SimulatedExecutor(latency, hw.num_sms, model_config.vocab_size)
+        tokenizer = None
+    else:
+        model = build_model(path, model_config, dtype=dtype, device=device, load_format=cfg.load_format,
+                            seed=cfg.seed)
+        executor = ModelRunner(model, model_config, num_kv_blocks=num_blocks, block_size=cfg.block_size,
+                               max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len, device=device, dtype=dtype,
+                               use_cuda_graph=not cfg.enforce_eager)
+        tokenizer = Tokenizer.from_path(str(path)) if path else None
+    logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
+                cfg.backend, hw.name if sim else device, dtype, num_blocks, cfg.block_size, max_model_len, cfg.policy)
+    return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len)
+
+
+def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int):
+    if cfg.policy == "aggregated":
+        return AggregatedPolicy()
+    if cfg.policy == "prefill-first":
+        return PrefillFirstPolicy()
+    if latency is None:
+        raise ValueError(f"policy {cfg.policy!r} needs a latency model: pass hardware= (h100, h200, a100 or a "
+                         f"profile JSON) on this device")
+    if cfg.policy == "static":
+        return StaticPolicy(latency, num_sms, cfg.decode_sms or num_sms // 2)
+    if cfg.tbt_slo_ms is None:
+        raise ValueError("policy 'duet' needs tbt_slo_ms, the time-between-tokens objective")
+    return DuetPolicy(latency, num_sms, cfg.tbt_slo_ms / 1e3)

@@ -1,0 +1,76 @@
+"""Multiplexed plans on the real model (interpreted): a prefill batch on one SM budget beside k look-ahead decode steps
+on another gives exactly the tokens of aggregated steps, because the kernels are budget-invariant and each request's
+sampling depends only on its seed and token index."""
+import pytest
+
+import minidu
+from minidu import SamplingParams
+from minidu.scheduler.plan import MultiplexedPlan
+from minidu.scheduler.policy import fit_lookahead, split
+from tests.engine.test_engine import make_engine
+from tests.models.checkpoints import write_checkpoint
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]
+
+
+class LookaheadPolicy:
+    """Always multiplexed: prefill on 3 programs, k decode steps on 5."""
+
+    name = "test-lookahead"
+
+    def __init__(self, k: int):
+        self.k = k
+        self.ks: list[int] = []
+
+    def plan(self, scheduler):
+        prefill, decode = split(scheduler.schedule())
+        k = fit_lookahead(scheduler, decode, self.k) if decode else 1
+        self.ks.append(k)
+        return MultiplexedPlan(prefill, 3, decode, 5, k)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    write_checkpoint(path, "Qwen3ForCausalLM")
+    return path
+
+
+def run(engine: minidu.Engine, params) -> list[list[int]]:
+    return [o.token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+    [SamplingParams(temperature=0.8, top_k=30, top_p=0.9, max_tokens=5 + i, ignore_eos=True, seed=i) for i in range(4)],
+], ids=["greedy", "seeded"])
+def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
+    expected = run(make_engine(checkpoint, max_num_batched_tokens=8), params)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8)
+    engine.policy = LookaheadPolicy(k=3)
+    assert run(engine, params) == expected
+    assert max(engine.policy.ks) == 3, "some steps must have run 3 look-ahead decode steps"
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_lookahead_stops_at_stop_token_and_max_tokens(checkpoint):
+    greedy = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    full = run(make_engine(checkpoint), greedy)
+    stop = full[0][2]
+    params = [SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop]),
+              SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), greedy, greedy]
+    engine = make_engine(checkpoint)
+    engine.policy = LookaheadPolicy(k=4)
+    outs = engine.generate(PROMPTS, params, use_tqdm=False)
+    assert outs[0].token_ids == full[0][:full[0].index(stop) + 1] and outs[0].finish_reason == "stop"
+    assert outs[1].token_ids == full[1][:2] and outs[1].finish_reason == "length"
+    assert [o.token_ids for o in outs[2:]] == full[2:]
+    assert all(len(o.token_times) == len(o.token_ids) for o in outs)
+
+
+def test_static_policy_engine_matches_aggregated(checkpoint):
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = run(make_engine(checkpoint), greedy)
+    engine = make_engine(checkpoint, policy="static", hardware="h200", decode_sms=16)
+    assert run(engine, greedy) == expected
