@@ -57,7 +57,8 @@ def stream(engine, prompt, params: SamplingParams) -> None:
                 print(out.text[printed:], end="", flush=True)
                 printed = len(out.text)
             if out.finished:
-                print(f"\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+                print(flush=True)
+                print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

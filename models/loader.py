@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from minidu.models.config import ModelConfig
 from minidu.models.gguf_loader import read_gguf
@@ -92,7 +93,8 @@ def build_model(path: Path | None, config: ModelConfig, *, dtype: str | torch.dt
         return lm
     tensors = read_gguf(path, lm.dtype)[1] if path.suffix == ".gguf" else iter_safetensors(safetensors_files(path), device)
     try:
-        lm.load_state_dict(tensors)
+        # disable=None: a progress bar on terminals only (dequantizing a GGUF file takes a while on a CPU).
+        lm.load_state_dict(tqdm(tensors, desc="loading weights", unit=" tensors", disable=None, leave=False))
     except ValueError as e:
         raise ValueError(f"{e} in checkpoint {path}") from e
     return lm
