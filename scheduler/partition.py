@@ -46,11 +46,11 @@ def choose_partition(decode_context_lens: Sequence[int], prefill_chunks: Sequenc
     (k * decode tokens + prefill tokens) / max(k * t_d, t_p).
 
     Throughput as a function of k rises while k * t_d <= t_p (more decode tokens in the same period) and falls after
-    (the prefill SMs idle), so only k = floor(t_p / t_d) and ceil(t_p / t_d), capped at `max_k`, are candidates; the
-    smallest k covering the prefill (ceil) loses to floor when t_p barely exceeds a multiple of t_d. With
-    k * t_d < t_p, decode requests wait t_p - k * t_d for the period to end, so the longest gap between their tokens,
-    t_d + t_p - k * t_d, must stay <= tau: the prefill step must fit in max_k * t_d + tau - t_d, and a prefix that does
-    not has its last chunk truncated to the longest length that does. If no S_d meets tau, the S_d with the shortest
+    (the prefill SMs idle). When t_d meets tau, k = ceil(t_p / t_d): the decode steps cover the prefill, so the last
+    decode token lands at the end of the period and the next step's first token follows within its own step time
+    (<= tau); with fewer steps the decodes would wait t_p - k * t_d, a gap that the next step then lengthens. So the
+    prefill step must fit in max_k * t_d, and a prefix that does not has its last chunk truncated to the longest
+    length that does. Without a feasible t_d, floor(t_p / t_d) is also tried (throughput alone decides). If no S_d meets tau, the S_d with the shortest
     decode step is used (best effort, TBT unreachable either way). Multiplexing is returned only when its predicted
     throughput beats the aggregated step's, unless `prefer_tbt` is set: then a multiplexed plan that meets tau wins
     over the aggregated step that does not, whatever its throughput (DuetServe multiplexes whenever aggregated
@@ -119,7 +119,7 @@ def _best_for_decode_budget(search: _PrefillSearch, num_decode: int, s_d: int, s
                             max_k: int, num_sms: int) -> PartitionDecision | None:
     """The highest-throughput FCFS prefix of the chunks and k against decode steps of t_d seconds on s_d SMs."""
     meets_tbt = t_d <= tau
-    limit = max_k * t_d + (tau - t_d) if meets_tbt else math.inf
+    limit = max_k * t_d if meets_tbt else math.inf
     best = None
     prefill_tokens = 0
     for n, (q, _) in enumerate(search.chunks, start=1):
@@ -131,9 +131,10 @@ def _best_for_decode_budget(search: _PrefillSearch, num_decode: int, s_d: int, s
                 break
             t_p = search.time(n, last_tokens, s_p)
         ratio = t_p / t_d
-        for k in sorted({min(max_k, max(1, math.floor(ratio))), min(max_k, max(1, math.ceil(ratio)))}):
-            if meets_tbt and t_d + t_p - k * t_d > tau:
-                continue
+        ks = {min(max_k, max(1, math.ceil(ratio)))}
+        if not meets_tbt:
+            ks.add(min(max_k, max(1, math.floor(ratio))))
+        for k in sorted(ks):
             period = max(k * t_d, t_p)
             candidate = PartitionDecision("multiplexed", num_sms, s_p, s_d, k, n, last_tokens, t_d, t_p, period,
                                           (k * num_decode + prefill_tokens + last_tokens) / period, meets_tbt)
