@@ -7,34 +7,36 @@ from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_pow
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 16384 if INTERPRET else 4096
+TILE_ELEMS = 131072 if INTERPRET else 4096
 # Widest column strip of a tile.
 TILE_COLS = 16384 if INTERPRET else 1024
 
 
-@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+@triton.jit(do_not_specialize=["num_tokens", "col_tiles", "num_tiles", "NUM_PROGRAMS"])
 def _silu_and_mul_kernel(
     x_ptr,  # [T, 2I], strides (stride_xt, 1)
     out_ptr,  # [T, I], strides (stride_ot, 1)
     num_tokens, inter, stride_xt, stride_ot,
-    NUM_PROGRAMS,
+    col_tiles, num_tiles, NUM_PROGRAMS,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    col_tiles = tl.cdiv(inter, BLOCK_I)
-    num_tiles = tl.cdiv(num_tokens, BLOCK_T) * col_tiles
+    # int64 indices: see the interpreter notes in kernels/utils.py.
+    tile_rows = tl.arange(0, BLOCK_T).to(tl.int64)
+    tile_cols = tl.arange(0, BLOCK_I).to(tl.int64)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        rows = (tile // col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = (tile % col_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+        tile_id = tl.cast(tile, tl.int64)
+        rows = (tile_id // col_tiles) * BLOCK_T + tile_rows
+        cols = (tile_id % col_tiles) * BLOCK_I + tile_cols
         mask = (rows < num_tokens)[:, None] & (cols < inter)[None, :]
-        gate_ptrs = x_ptr + (rows.to(tl.int64) * stride_xt)[:, None] + cols[None, :]
+        gate_ptrs = x_ptr + (rows * stride_xt)[:, None] + cols[None, :]
         gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
         # sigmoid from exp(-|gate|) so no intermediate overflows to inf for large |gate|.
         e = tl.exp(-tl.abs(gate))
         sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         y = gate * sigmoid * up
-        tl.store(out_ptr + (rows.to(tl.int64) * stride_ot)[:, None] + cols[None, :],
+        tl.store(out_ptr + (rows * stride_ot)[:, None] + cols[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -60,10 +62,11 @@ def silu_and_mul(x: torch.Tensor, *, num_sms: int | None = None, out: torch.Tens
 
     block_i = min(next_power_of_2(inter), TILE_COLS)
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_i))
-    num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(inter, block_i)
+    col_tiles = triton.cdiv(inter, block_i)
+    num_tiles = triton.cdiv(num_tokens, block_t) * col_tiles
     grid = num_programs(num_tiles, num_sms, x.device)
     _silu_and_mul_kernel[(grid,)](
-        x, out, num_tokens, inter, x.stride(0), out.stride(0), grid,
+        x, out, num_tokens, inter, x.stride(0), out.stride(0), col_tiles, num_tiles, grid,
         BLOCK_T=block_t, BLOCK_I=block_i, num_warps=4,
     )
     return out

@@ -18,8 +18,9 @@ def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hk, D]
     v_cache_ptr,  # [num_blocks, block_size, Hk, D]
-    partial_out_ptr,  # [B, Hq, num_splits, D] float32, normalized within the split
-    partial_lse_ptr,  # [B, Hq, num_splits] float32, base-2 log-sum-exp of the split's scaled scores
+    partial_out_ptr,  # [B, Hq, num_splits, D] float32, normalized within the split; unused if SINGLE_SPLIT
+    partial_lse_ptr,  # [B, Hq, num_splits] float32, base-2 log-sum-exp of the split's scaled scores; same
+    out_ptr,  # [B, Hq, D]; written only if SINGLE_SPLIT
     seq_lens_ptr,  # [B]
     block_tables_ptr,  # [B, max_blocks]
     stride_qb, stride_qh,
@@ -27,62 +28,80 @@ def _decode_split_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
+    stride_ob, stride_oh,
     stride_bt,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     partition_size,  # keys per split: a runtime value, so varying block-table widths do not recompile
-    num_kv_heads, num_splits, num_tiles, NUM_PROGRAMS,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_kv_heads, kv_tiles, num_splits, num_tiles, NUM_PROGRAMS,
+    GROUP: tl.constexpr, KV_PER_TILE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # The GROUP query heads sharing a kv head are the rows of one tile (padded to BLOCK_H >= 16 for tl.dot), so each
-    # K/V tile is loaded once per kv head.
-    rows = tl.arange(0, BLOCK_H)
-    row_mask = rows < GROUP
+    # A tile serves KV_PER_TILE kv heads and the GROUP query heads sharing each (padded to BLOCK_H >= 16 rows for
+    # tl.dot), so each K/V tile is loaded once per kv head. Its key columns are KV_PER_TILE strips of BLOCK_N keys,
+    # one per kv head, and a row only scores the strip of its own kv head (a block-diagonal mask; all-true with one
+    # kv head per tile, as on CUDA). Padding rows borrow the last kv head so that no row is masked out entirely.
+    # int64 indices: cache offsets can pass 2**31 elements, and see the interpreter notes in kernels/utils.py.
+    rows = tl.arange(0, BLOCK_H).to(tl.int64)
+    row_kv = tl.minimum(rows // GROUP, KV_PER_TILE - 1)
+    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(tl.int64)
+    col_kv = cols // BLOCK_N
+    col_keys = cols % BLOCK_N
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
-    io_mask = row_mask[:, None] & dim_mask[None, :]
-    # int64 key indices: cache offsets can pass 2**31 elements (and the interpreter skips its int32 overflow checks).
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    last_kv = tl.cast(num_kv_heads, tl.int64) - 1
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        split = tile % num_splits
-        kv_head = (tile // num_splits) % num_kv_heads
-        req = (tile // (num_splits * num_kv_heads)).to(tl.int64)
+        tile_id = tl.cast(tile, tl.int64)
+        split = tile_id % num_splits
+        head_tile = tile_id // num_splits
+        first_kv = (head_tile % kv_tiles) * KV_PER_TILE
+        req = head_tile // kv_tiles
         seq_len = tl.load(seq_lens_ptr + req)
         kv_start = split * partition_size
         kv_end = tl.minimum(seq_len, kv_start + partition_size)
-        head = kv_head * GROUP + rows
+        head = first_kv * GROUP + rows
+        row_mask = (rows < KV_PER_TILE * GROUP) & (head // GROUP <= last_kv)
+        io_mask = row_mask[:, None] & dim_mask[None, :]
+        same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == (first_kv + col_kv)[None, :]
+        cache_heads = first_kv + col_kv
+        head_mask = cache_heads < num_kv_heads
         q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
+        l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+        acc = tl.full([BLOCK_H, HEAD_DIM_PAD], 0.0, tl.float32)
         block_table = block_tables_ptr + req * stride_bt
         # A split past seq_len runs no step and leaves l_i = 0: it stores zeros and lse = -inf for the merge to drop.
         # Otherwise key kv_start is unmasked, so the running max is finite after the first step.
         for n_start in tl.range(kv_start, kv_end, BLOCK_N):
-            keys = n_start + cols
-            key_mask = keys < kv_end
+            keys = n_start + col_keys
+            key_mask = (keys < kv_end) & head_mask
             # Padding entries of the block table lie past seq_len and are never loaded.
             block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
             offset = keys % BLOCK_SIZE
-            k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + kv_head * stride_kh)[None, :]
-                        + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+            k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
+                        + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, COLS]
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(key_mask[None, :], s, float("-inf"))
+            s = tl.where(key_mask[None, :] & same_kv, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + kv_head * stride_vh)[:, None]
-                        + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+            v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + cache_heads * stride_vh)[:, None]
+                        + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [COLS, D_PAD]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
-        lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(partial_out_ptr + req * stride_pb + head[:, None] * stride_ph + split * stride_ps + dims[None, :],
-                 acc / l_safe[:, None], mask=io_mask)
-        tl.store(partial_lse_ptr + req * stride_lb + head * stride_lh + split, lse, mask=row_mask)
+        if SINGLE_SPLIT:
+            # Merging one split only multiplies by exp2(0) = 1: storing here is bitwise the same and skips a launch.
+            tl.store(out_ptr + req * stride_ob + head[:, None] * stride_oh + dims[None, :],
+                     (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(partial_out_ptr + req * stride_pb + head[:, None] * stride_ph + split * stride_ps
+                     + dims[None, :], acc / l_safe[:, None], mask=io_mask)
+            tl.store(partial_lse_ptr + req * stride_lb + head * stride_lh + split, lse, mask=row_mask)
 
 
 @triton.jit
@@ -93,16 +112,18 @@ def _decode_merge_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    num_heads, num_splits, num_tiles, NUM_PROGRAMS,
+    num_heads, head_blocks, num_splits, num_tiles, NUM_PROGRAMS,
     BLOCK_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    head_blocks = tl.cdiv(num_heads, BLOCK_HEADS)
-    splits = tl.arange(0, SPLITS_PAD)
+    # int64 indices: see the interpreter notes in kernels/utils.py.
+    splits = tl.arange(0, SPLITS_PAD).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM_PAD)
+    block_heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        req = (tile // head_blocks).to(tl.int64)
-        heads = (tile % head_blocks) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        tile_id = tl.cast(tile, tl.int64)
+        req = tile_id // head_blocks
+        heads = (tile_id % head_blocks) * BLOCK_HEADS + block_heads
         lse_mask = (heads < num_heads)[:, None] & (splits < num_splits)[None, :]
         lse = tl.load(partial_lse_ptr + req * stride_lb + heads[:, None] * stride_lh + splits[None, :], mask=lse_mask,
                       other=float("-inf"))  # [BLOCK_HEADS, SPLITS_PAD]
@@ -133,8 +154,8 @@ def decode_tiles(max_blocks: int, block_size: int) -> DecodeTiles:
     every num_sms. Splits are at least `min_partition` keys and at most `max_splits` per request, which bounds the
     float32 workspace however long the padded block tables are."""
     if INTERPRET:
-        # Small splits keep multi-split merging exercised by tiny test contexts.
-        block_n, min_partition, max_splits, num_warps = 32, 64, 4, 4
+        # Small splits keep multi-split merging exercised by tiny test contexts; one key step per such split.
+        block_n, min_partition, max_splits, num_warps = 64, 64, 4, 4
     else:
         block_n, min_partition, max_splits, num_warps = 64, 256, 32, 4
     capacity = max(1, max_blocks * block_size)
@@ -208,34 +229,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     partial_out, partial_lse = workspace
     group = num_heads // num_kv_heads
+    # The interpreter pays per tile and per op, not per FLOP: one tile covers all kv heads of a request (its
+    # block-diagonal score mask wastes FLOPs, not ops). On CUDA one kv head per tile spreads the work over the SMs.
+    kv_per_tile = next_power_of_2(num_kv_heads) if INTERPRET else 1
     head_dim_pad = max(16, next_power_of_2(head_dim))
-    num_tiles = num_seqs * num_kv_heads * tiles.num_splits
+    kv_tiles = triton.cdiv(num_kv_heads, kv_per_tile)
+    num_tiles = num_seqs * kv_tiles * tiles.num_splits
     grid = num_programs(num_tiles, num_sms, q.device)
+    single_split = tiles.num_splits == 1
     _decode_split_kernel[(grid,)](
-        q, k_cache, v_cache, partial_out, partial_lse, seq_lens, block_tables,
+        q, k_cache, v_cache, partial_out, partial_lse, out, seq_lens, block_tables,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
+        out.stride(0), out.stride(1),
         block_tables.stride(0),
         scale * LOG2E, tiles.partition_size,
-        num_kv_heads, tiles.num_splits, num_tiles, grid,
-        GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_kv_heads, kv_tiles, tiles.num_splits, num_tiles, grid,
+        GROUP=group, KV_PER_TILE=kv_per_tile, BLOCK_H=max(16, next_power_of_2(kv_per_tile * group)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SINGLE_SPLIT=single_split,
         num_warps=tiles.num_warps,
     )
+    if single_split:
+        return out
     # The interpreter pays per tile and per op, so it merges all heads of a request at once.
     merge_heads = next_power_of_2(num_heads) if INTERPRET else 1
-    merge_tiles = num_seqs * triton.cdiv(num_heads, merge_heads)
+    head_blocks = triton.cdiv(num_heads, merge_heads)
+    merge_tiles = num_seqs * head_blocks
     merge_grid = num_programs(merge_tiles, num_sms, q.device)
     _decode_merge_kernel[(merge_grid,)](
         partial_out, partial_lse, out,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
         out.stride(0), out.stride(1),
-        num_heads, tiles.num_splits, merge_tiles, merge_grid,
+        num_heads, head_blocks, tiles.num_splits, merge_tiles, merge_grid,
         BLOCK_HEADS=merge_heads, SPLITS_PAD=next_power_of_2(tiles.num_splits), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         num_warps=4,

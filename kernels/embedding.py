@@ -7,31 +7,33 @@ from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_te
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 16384 if INTERPRET else 4096
+TILE_ELEMS = 131072 if INTERPRET else 4096
 # Widest column strip of a tile.
 TILE_COLS = 16384 if INTERPRET else 1024
 
 
-@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+@triton.jit(do_not_specialize=["num_tokens", "col_tiles", "num_tiles", "NUM_PROGRAMS"])
 def _embedding_kernel(
     ids_ptr,  # [T]
     weight_ptr,  # [V, H], strides (stride_wv, 1)
     out_ptr,  # [T, H], strides (stride_ot, 1)
     num_tokens, hidden, stride_wv, stride_ot,
-    NUM_PROGRAMS,
+    col_tiles, num_tiles, NUM_PROGRAMS,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    col_tiles = tl.cdiv(hidden, BLOCK_H)
-    num_tiles = tl.cdiv(num_tokens, BLOCK_T) * col_tiles
+    # int64 indices: see the interpreter notes in kernels/utils.py.
+    tile_rows = tl.arange(0, BLOCK_T).to(tl.int64)
+    tile_cols = tl.arange(0, BLOCK_H).to(tl.int64)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        rows = (tile // col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = (tile % col_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        tile_id = tl.cast(tile, tl.int64)
+        rows = (tile_id // col_tiles) * BLOCK_T + tile_rows
+        cols = (tile_id % col_tiles) * BLOCK_H + tile_cols
         row_mask = rows < num_tokens
         mask = row_mask[:, None] & (cols < hidden)[None, :]
         ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         vals = tl.load(weight_ptr + (ids * stride_wv)[:, None] + cols[None, :], mask=mask)
-        tl.store(out_ptr + (rows.to(tl.int64) * stride_ot)[:, None] + cols[None, :], vals, mask=mask)
+        tl.store(out_ptr + (rows * stride_ot)[:, None] + cols[None, :], vals, mask=mask)
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = None,
@@ -57,10 +59,11 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = 
 
     block_h = min(next_power_of_2(hidden), TILE_COLS)
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_h))
-    num_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(hidden, block_h)
+    col_tiles = triton.cdiv(hidden, block_h)
+    num_tiles = triton.cdiv(num_tokens, block_t) * col_tiles
     grid = num_programs(num_tiles, num_sms, weight.device)
     _embedding_kernel[(grid,)](
-        ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), grid,
+        ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), col_tiles, num_tiles, grid,
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )
     return out

@@ -14,7 +14,7 @@ from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_te
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 16384 if INTERPRET else 4096
+TILE_ELEMS = 131072 if INTERPRET else 4096
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -35,7 +35,7 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
             for _ in range(num_layers)]
 
 
-@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+@triton.jit(do_not_specialize=["num_tokens", "num_tiles", "NUM_PROGRAMS"])
 def _store_kvcache_kernel(
     k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
     v_ptr,  # [T, Hk, D], strides (stride_vt, stride_vh, 1)
@@ -44,25 +44,27 @@ def _store_kvcache_kernel(
     slot_mapping_ptr,  # [T]
     num_tokens, num_kv_heads, head_dim,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    NUM_PROGRAMS,
+    num_tiles, NUM_PROGRAMS,
     BLOCK_T: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    heads = tl.arange(0, BLOCK_HK)
-    dims = tl.arange(0, BLOCK_D)
+    # int64 indices: see the interpreter notes in kernels/utils.py.
+    heads = tl.arange(0, BLOCK_HK).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    tile_tokens = tl.arange(0, BLOCK_T).to(tl.int64)
     head_dim_mask = (heads < num_kv_heads)[:, None] & (dims < head_dim)[None, :]
     # Offsets of (head, dim) inside one cache slot and inside one k/v token row.
     slot_offsets = (heads * head_dim)[:, None] + dims[None, :]
-    num_tiles = tl.cdiv(num_tokens, BLOCK_T)
+    k_offsets = (heads * stride_kh)[:, None] + dims[None, :]
+    v_offsets = (heads * stride_vh)[:, None] + dims[None, :]
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = tile * BLOCK_T + tile_tokens
         slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
         mask = (slots >= 0)[:, None, None] & head_dim_mask[None, :, :]
         cache_offsets = (slots * num_kv_heads * head_dim)[:, None, None] + slot_offsets[None, :, :]
-        rows = tokens.to(tl.int64)[:, None, None]
-        k = tl.load(k_ptr + rows * stride_kt + (heads * stride_kh)[None, :, None] + dims[None, None, :], mask=mask)
+        k = tl.load(k_ptr + (tokens * stride_kt)[:, None, None] + k_offsets[None, :, :], mask=mask)
         tl.store(k_cache_ptr + cache_offsets, k, mask=mask)
-        v = tl.load(v_ptr + rows * stride_vt + (heads * stride_vh)[None, :, None] + dims[None, None, :], mask=mask)
+        v = tl.load(v_ptr + (tokens * stride_vt)[:, None, None] + v_offsets[None, :, :], mask=mask)
         tl.store(v_cache_ptr + cache_offsets, v, mask=mask)
 
 
@@ -93,9 +95,10 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
     block_hk, block_d = next_power_of_2(max(num_kv_heads, 1)), next_power_of_2(max(head_dim, 1))
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // (block_hk * block_d)))
-    grid = num_programs(triton.cdiv(num_tokens, block_t), num_sms, k.device)
+    num_tiles = triton.cdiv(num_tokens, block_t)
+    grid = num_programs(num_tiles, num_sms, k.device)
     _store_kvcache_kernel[(grid,)](
         k, v, k_cache, v_cache, slot_mapping, num_tokens, num_kv_heads, head_dim,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), grid,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_tiles, grid,
         BLOCK_T=block_t, BLOCK_HK=block_hk, BLOCK_D=block_d, num_warps=4,
     )

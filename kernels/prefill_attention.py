@@ -28,67 +28,77 @@ def _prefill_attention_kernel(
     stride_ot, stride_oh,
     stride_bt,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
-    num_seqs, num_kv_heads, num_tiles, NUM_PROGRAMS,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SEQS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    num_seqs, num_kv_heads, kv_tiles, num_tiles, NUM_PROGRAMS,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_PER_TILE: tl.constexpr, SEQS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # One tile row per (new token, query head of this kv head), heads fastest: the K/V tiles are loaded once for
-    # all GROUP query heads that share them.
-    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
-    row_tok = rows // GROUP_PAD
+    # One tile row per (new token, query head of the tile's KV_PER_TILE kv heads), heads fastest: the K/V tiles are
+    # loaded once for all GROUP query heads that share them. Key columns are KV_PER_TILE strips of BLOCK_N keys, one
+    # per kv head, and a row only scores its own kv head's strip (a block-diagonal mask; all-true with one kv head
+    # per tile, as on CUDA). Rows of padding kv heads borrow the last real one so no row is masked out entirely.
+    # int64 indices: cache offsets can pass 2**31 elements, and see the interpreter notes in kernels/utils.py.
+    rows = tl.arange(0, BLOCK_M * KV_PER_TILE * GROUP_PAD).to(tl.int64)
+    row_tok = rows // (KV_PER_TILE * GROUP_PAD)
+    row_kv = (rows // GROUP_PAD) % KV_PER_TILE
     row_head = rows % GROUP_PAD
+    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(tl.int64)
+    col_kv = cols // BLOCK_N
+    col_keys = cols % BLOCK_N
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
-    # int64 key indices: cache offsets can pass 2**31 elements (and the interpreter skips its int32 overflow checks).
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    seqs = tl.arange(0, SEQS_PAD)
+    seqs = tl.arange(0, SEQS_PAD).to(tl.int64)
     seq_mask = seqs < num_seqs
+    last_kv = tl.cast(num_kv_heads, tl.int64) - 1
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        slot = tile // num_kv_heads
-        kv_head = tile % num_kv_heads
+        tile_id = tl.cast(tile, tl.int64)
+        slot = tile_id // kv_tiles
+        first_kv = (tile_id % kv_tiles) * KV_PER_TILE
         # Request b owns q-block slots cu_seqlens_q[b] // BLOCK_M + b + [0, cdiv(q_len_b, BLOCK_M)); these ranges
         # are disjoint and increasing in b, so the owner of `slot` is the last request whose first slot is <= slot.
         first_slots = tl.load(cu_seqlens_q_ptr + seqs, mask=seq_mask, other=0) // BLOCK_M + seqs
-        req = tl.sum(((first_slots <= slot) & seq_mask).to(tl.int32), 0) - 1
-        q_start = tl.load(cu_seqlens_q_ptr + req)
-        q_len = tl.load(cu_seqlens_q_ptr + req + 1) - q_start
+        req = tl.sum(((first_slots <= slot) & seq_mask).to(tl.int64), 0) - 1
+        q_start = tl.load(cu_seqlens_q_ptr + req).to(tl.int64)
+        q_len = tl.load(cu_seqlens_q_ptr + req + 1).to(tl.int64) - q_start
         q_block = slot - (q_start // BLOCK_M + req)
         if q_block * BLOCK_M < q_len:
-            seq_len = tl.load(seq_lens_ptr + req)
+            seq_len = tl.load(seq_lens_ptr + req).to(tl.int64)
             tok = q_block * BLOCK_M + row_tok
             pos = seq_len - q_len + tok
-            head = kv_head * GROUP + row_head
-            row_mask = (tok < q_len) & (row_head < GROUP)
+            head = (first_kv + row_kv) * GROUP + row_head
+            row_mask = (tok < q_len) & (row_head < GROUP) & (first_kv + row_kv <= last_kv)
             io_mask = row_mask[:, None] & dim_mask[None, :]
-            q_rows = (q_start + tok).to(tl.int64)
+            cache_heads = first_kv + col_kv
+            head_mask = cache_heads <= last_kv
+            same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == cache_heads[None, :]
+            q_rows = q_start + tok
             q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                         mask=io_mask, other=0.0)
-            m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
-            acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+            m_i = tl.full([BLOCK_M * KV_PER_TILE * GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.full([BLOCK_M * KV_PER_TILE * GROUP_PAD], 0.0, tl.float32)
+            acc = tl.full([BLOCK_M * KV_PER_TILE * GROUP_PAD, HEAD_DIM_PAD], 0.0, tl.float32)
             # Key 0 is visible to every row (padding rows included), so the running max is finite after the first
             # block and exp2 never sees (-inf) - (-inf).
             kv_end = tl.minimum(seq_len, seq_len - q_len + (q_block + 1) * BLOCK_M)
-            block_table = block_tables_ptr + req.to(tl.int64) * stride_bt
+            block_table = block_tables_ptr + req * stride_bt
             for kv_start in tl.range(0, kv_end, BLOCK_N):
-                keys = kv_start + cols
-                key_mask = keys < kv_end
+                keys = kv_start + col_keys
+                key_mask = (keys < kv_end) & head_mask
                 # Padding entries of the block table lie past seq_len and are never loaded.
                 block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
                 offset = keys % BLOCK_SIZE
                 k_mask = key_mask[None, :] & dim_mask[:, None]
-                k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + kv_head * stride_kh)[None, :]
-                            + dims[:, None], mask=k_mask, other=0.0)  # [D_PAD, BLOCK_N]
+                k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
+                            + dims[:, None], mask=k_mask, other=0.0)  # [D_PAD, COLS]
                 s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-                s = tl.where((keys[None, :] <= pos[:, None]) & key_mask[None, :], s, float("-inf"))
+                s = tl.where((keys[None, :] <= pos[:, None]) & key_mask[None, :] & same_kv, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 p = tl.exp2(s - m_new[:, None])
                 alpha = tl.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + kv_head * stride_vh)[:, None]
-                            + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+                v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + cache_heads * stride_vh)[:, None]
+                            + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [COLS, D_PAD]
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
             out = acc / l_i[:, None]
@@ -104,10 +114,10 @@ class PrefillTiles:
     num_stages: int
 
 
-def prefill_tiles(group_pad: int, head_dim_pad: int, dtype: torch.dtype) -> PrefillTiles:
+def prefill_tiles(group_pad: int, head_dim_pad: int, dtype: torch.dtype, kv_per_tile: int = 1) -> PrefillTiles:
     """Tile shapes: big tiles in the interpreter (its cost is per program and per op), Hopper-sized on CUDA."""
     if INTERPRET:
-        return PrefillTiles(block_m=max(1, 64 // group_pad), block_n=64, num_warps=4, num_stages=1)
+        return PrefillTiles(block_m=max(1, 256 // (kv_per_tile * group_pad)), block_n=64, num_warps=4, num_stages=1)
     rows = 128 if head_dim_pad <= 128 else 64
     block_m = max(1, rows // group_pad)
     num_warps = 8 if block_m * group_pad * head_dim_pad >= 128 * 128 else 4
@@ -163,11 +173,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad, head_dim_pad = next_power_of_2(group), max(16, next_power_of_2(head_dim))
-    tiles = prefill_tiles(group_pad, head_dim_pad, q.dtype)
+    # The interpreter pays per tile and per op, not per FLOP: one tile covers all kv heads (its block-diagonal
+    # score mask wastes FLOPs, not ops). On CUDA one kv head per tile spreads the work over the SMs.
+    kv_per_tile = next_power_of_2(num_kv_heads) if INTERPRET else 1
+    tiles = prefill_tiles(group_pad, head_dim_pad, q.dtype, kv_per_tile)
     # The number of q-blocks per request depends on data in cu_seqlens_q; reading it would sync the host with the
     # GPU and break CUDA-graph capture. Instead every request gets slots from the shape-derived bound
     # T // BLOCK_M + B (see the kernel), and the at most B slots nobody owns exit at once.
-    num_tiles = (num_tokens // tiles.block_m + num_seqs) * num_kv_heads
+    kv_tiles = triton.cdiv(num_kv_heads, kv_per_tile)
+    num_tiles = (num_tokens // tiles.block_m + num_seqs) * kv_tiles
     grid = num_programs(num_tiles, num_sms, q.device)
     _prefill_attention_kernel[(grid,)](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables,
@@ -177,8 +191,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         scale * LOG2E,
-        num_seqs, num_kv_heads, num_tiles, grid,
-        GROUP=group, GROUP_PAD=group_pad, SEQS_PAD=next_power_of_2(num_seqs), BLOCK_SIZE=k_cache.shape[1],
+        num_seqs, num_kv_heads, kv_tiles, num_tiles, grid,
+        GROUP=group, GROUP_PAD=group_pad, KV_PER_TILE=kv_per_tile, SEQS_PAD=next_power_of_2(num_seqs),
+        BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

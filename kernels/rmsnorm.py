@@ -7,10 +7,10 @@ from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_pow
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 16384 if INTERPRET else 4096
+TILE_ELEMS = 131072 if INTERPRET else 4096
 
 
-@triton.jit(do_not_specialize=["num_rows", "NUM_PROGRAMS"])
+@triton.jit(do_not_specialize=["num_rows", "num_tiles", "NUM_PROGRAMS"])
 def _rms_norm_kernel(
     x_ptr,  # [T, heads, H], strides (stride_xt, stride_xh, 1)
     residual_ptr,  # [T, heads, H], strides (stride_rt, stride_rh, 1); unused unless HAS_RESIDUAL
@@ -18,19 +18,20 @@ def _rms_norm_kernel(
     out_ptr,  # [T, heads, H], strides (stride_ot, stride_oh, 1)
     num_rows, num_heads, hidden, eps,
     stride_xt, stride_xh, stride_rt, stride_rh, stride_ot, stride_oh,
-    NUM_PROGRAMS,
+    num_tiles, NUM_PROGRAMS,
     HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    num_tiles = tl.cdiv(num_rows, BLOCK_R)
+    # int64 row indices: see the interpreter notes in kernels/utils.py.
+    tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tile * BLOCK_R + tile_rows
         # A row is one (token, head) pair, so [T, heads, D] views of a fused qkv buffer need no copy.
-        tokens = (rows // num_heads).to(tl.int64)
-        heads = (rows % num_heads).to(tl.int64)
+        tokens = rows // num_heads
+        heads = rows % num_heads
         mask = (rows < num_rows)[:, None] & col_mask[None, :]
         x_ptrs = x_ptr + (tokens * stride_xt + heads * stride_xh)[:, None] + cols[None, :]
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -99,7 +100,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     res = residual if residual is not None else x
     _rms_norm_kernel[(grid,)](
         x, res, weight, out, num_rows, num_heads, hidden, float(eps),
-        *_row_strides(x), *_row_strides(res), *_row_strides(out), grid,
+        *_row_strides(x), *_row_strides(res), *_row_strides(out), num_tiles, grid,
         HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=min(16, max(4, block_r * block_h // 1024)),
     )

@@ -10,7 +10,7 @@ from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_te
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 16384 if INTERPRET else 4096
+TILE_ELEMS = 131072 if INTERPRET else 4096
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
@@ -60,23 +60,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, long_scaled)
 
 
-@triton.jit
-def _rotate_heads(
-    base_ptr,  # [T, heads, D], strides (stride_t, stride_h, 1)
-    tokens, token_mask, dims, dim_mask, cos, sin, num_heads, half_dim, stride_t, stride_h,
-    BLOCK_HEADS: tl.constexpr,
-):
-    heads = tl.arange(0, BLOCK_HEADS)
-    offsets = (tokens.to(tl.int64) * stride_t)[:, None, None] + (heads * stride_h)[None, :, None] + dims[None, None, :]
-    mask = token_mask[:, None, None] & (heads < num_heads)[None, :, None] & dim_mask[None, None, :]
-    x1 = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base_ptr + offsets + half_dim, mask=mask, other=0.0).to(tl.float32)
-    # rotate_half: [x1, x2] -> [-x2, x1], so out = x * cos + rotate_half(x) * sin.
-    tl.store(base_ptr + offsets, (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty), mask=mask)
-    tl.store(base_ptr + offsets + half_dim, (x2 * cos + x1 * sin).to(base_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["num_tokens", "NUM_PROGRAMS"])
+@triton.jit(do_not_specialize=["num_tokens", "num_tiles", "NUM_PROGRAMS"])
 def _rotary_kernel(
     q_ptr,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
     k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
@@ -84,26 +68,37 @@ def _rotary_kernel(
     inv_freq_ptr,  # [D // 2] float32
     num_tokens, num_q_heads, num_kv_heads, half_dim,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    NUM_PROGRAMS,
-    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    num_tiles, NUM_PROGRAMS,
+    BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dims = tl.arange(0, BLOCK_HALF)
     dim_mask = dims < half_dim
     inv_freq = tl.load(inv_freq_ptr + dims, mask=dim_mask, other=0.0)
-    num_tiles = tl.cdiv(num_tokens, BLOCK_T)
+    # Lanes [0, Hq) of the head axis are q's heads and lanes [Hq, Hq + Hk) k's, so one pass rotates both.
+    # int64 indices: see the interpreter notes in kernels/utils.py.
+    heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)
+    tile_tokens = tl.arange(0, BLOCK_T).to(tl.int64)
+    is_q = (heads < num_q_heads)[None, :, None]
+    head_mask = (heads - num_q_heads < num_kv_heads)[None, :, None] & dim_mask[None, None, :]
+    q_offsets = (heads * stride_qh)[None, :, None] + dims[None, None, :]
+    k_offsets = ((heads - num_q_heads) * stride_kh)[None, :, None] + dims[None, None, :]
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = tile * BLOCK_T + tile_tokens
         token_mask = tokens < num_tokens
         positions = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
         # One cos/sin per (token, frequency), shared by every q and k head of the token.
         angles = positions[:, None] * inv_freq[None, :]
         cos = tl.cos(angles)[:, None, :]
         sin = tl.sin(angles)[:, None, :]
-        _rotate_heads(q_ptr, tokens, token_mask, dims, dim_mask, cos, sin, num_q_heads, half_dim,
-                      stride_qt, stride_qh, BLOCK_HQ)
-        _rotate_heads(k_ptr, tokens, token_mask, dims, dim_mask, cos, sin, num_kv_heads, half_dim,
-                      stride_kt, stride_kh, BLOCK_HK)
+        rows = tokens[:, None, None]
+        ptrs = tl.where(is_q, q_ptr + rows * stride_qt + q_offsets, k_ptr + rows * stride_kt + k_offsets)
+        mask = token_mask[:, None, None] & head_mask
+        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
+        # rotate_half: [x1, x2] -> [-x2, x1], so out = x * cos + rotate_half(x) * sin.
+        tl.store(ptrs, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + half_dim, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_heads(name: str, t, dtype: torch.dtype | None, device: torch.device | None) -> None:
@@ -131,14 +126,15 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=q.device, shape=(head_dim // 2,),
                  contiguous=True)
 
-    block_hq, block_hk = next_power_of_2(num_q_heads), next_power_of_2(max(k.shape[1], 1))
+    block_heads = next_power_of_2(num_q_heads + k.shape[1])
     block_half = next_power_of_2(head_dim // 2)
-    token_elems = max(block_hq, block_hk) * block_half
+    token_elems = block_heads * block_half
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // token_elems))
-    grid = num_programs(triton.cdiv(num_tokens, block_t), num_sms, q.device)
+    num_tiles = triton.cdiv(num_tokens, block_t)
+    grid = num_programs(num_tiles, num_sms, q.device)
     _rotary_kernel[(grid,)](
         q, k, positions, inv_freq, num_tokens, num_q_heads, k.shape[1], head_dim // 2,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), grid,
-        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tiles, grid,
+        BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
         num_warps=min(8, max(1, block_t * token_elems // 512)),
     )

@@ -7,8 +7,16 @@ import triton
 
 from minidu._platform import INTERPRET
 
-# Programs the interpreter runs one after another; the value only shapes the persistent loop.
-CPU_NUM_SMS = 8
+# The interpreter runs programs one after another, so every extra program only repeats its prologue: one program
+# per launch (results are bitwise the same for any budget).
+CPU_NUM_SMS = 1
+
+# Interpreter notes, which shape every kernel's code (none of this changes what a compiled kernel computes):
+# - each tl op costs ~25 us of Python whatever its size, and every loaded or stored element ~5-10 ns of numpy;
+# - a call to a @triton.jit helper, tl.cdiv and tl.zeros included, re-patches triton.language first (~0.3 ms), so
+#   kernels inline such helpers and write (a + b - 1) // b and tl.full;
+# - every int32 (or narrower) add, sub and mul is checked for overflow with ~7 more ops, int64 ones are not, so
+#   index math runs in int64 (int64 aranges, tl.cast of loop indices) and tile counts come from the host.
 
 
 @functools.cache
