@@ -28,6 +28,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int | None], "DecodeGraph"] = {}
         if self.use_cuda_graph:
             self.prefill_stream, self.decode_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
+            self.graph_pool = torch.cuda.graph_pool_handle()  # decode graphs never replay at once: share memory
 
     def clock(self) -> float:
         return time.perf_counter()
@@ -172,7 +173,7 @@ class DecodeGraph:
             runner.forward_and_sample(self.static, num_sms)  # compiles kernels outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool, stream=stream):
             self.tokens = runner.forward_and_sample(self.static, num_sms)
 
     def run(self, inputs: DecodeInputs, k: int) -> tuple[torch.Tensor, list]:
