@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs,
+                                  resolve_num_sms)
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
@@ -102,3 +103,34 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_tiles, grid,
         BLOCK_T=block_t, BLOCK_HK=block_hk, BLOCK_D=block_d, num_warps=4,
     )
+
+
+def check_paged_attention_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms,
+                                 num_seqs: int | None = None) -> None:
+    """The checks both paged attention launchers share: q [*, Hq, D] against the cache layout, seq_lens and block
+    tables of one row per request (`num_seqs` of them; None: as many as seq_lens has), an optional out like q;
+    ValueError naming the argument."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    device = q.device
+    resolve_num_sms(num_sms, device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=device, shape=tuple(k_cache.shape))
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} does not match q head_dim {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv_heads})")
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device, contiguous=True,
+                 shape=None if num_seqs is None else (num_seqs,))
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=device,
+                 shape=(seq_lens.shape[0], None))
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must have a contiguous last dimension")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=device, shape=tuple(q.shape))
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dimension")

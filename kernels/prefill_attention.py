@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs,
-                                  resolve_num_sms)
+from minidu.kernels.kv_cache import check_paged_attention_inputs
+from minidu.kernels.utils import INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
 
 LOG2E = math.log2(math.e)
 
@@ -127,32 +127,9 @@ def prefill_tiles(group_pad: int, head_dim_pad: int, dtype: torch.dtype, kv_per_
 
 
 def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, num_sms) -> None:
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    device = q.device
-    resolve_num_sms(num_sms, device)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=device, shape=tuple(k_cache.shape))
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} does not match q head_dim {head_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache kv heads ({num_kv_heads})")
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device, contiguous=True)
-    num_seqs = seq_lens.shape[0]
-    check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=INDEX_DTYPES, device=device, contiguous=True,
-                 shape=(num_seqs + 1,))
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=device,
-                 shape=(num_seqs, None))
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must have a contiguous last dimension")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension")
-    if out is not None:
-        check_tensor("out", out, dtypes=(q.dtype,), device=device, shape=tuple(q.shape))
-        if out.stride(-1) != 1:
-            raise ValueError("out must have a contiguous last dimension")
+    check_paged_attention_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=INDEX_DTYPES, device=q.device, contiguous=True,
+                 shape=(seq_lens.shape[0] + 1,))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -1,6 +1,6 @@
 """The simulated executor: runs plans on a virtual clock advanced by the latency model's predictions and emits
 placeholder tokens, so the whole scheduling stack can be studied on a CPU, quickly and deterministically."""
-from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk, StepOutput
+from minidu.scheduler.plan import AggregatedPlan, Plan, ScheduledChunk, StepOutput
 from minidu.scheduler.roofline import LatencyModel
 
 

@@ -15,7 +15,7 @@ from minidu import SamplingParams
 from minidu.models import load_model
 from minidu.models.gguf_loader import read_gguf
 from tests.models.reference import reference_logits
-from tests.models.test_gguf import Q, expected_config, gguf, tiny_hf_state, write_gguf
+from tests.models.test_gguf import Q, expected_config, tiny_hf_state, write_gguf
 from tests.models.test_loader import prefill_logits
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260k"
