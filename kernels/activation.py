@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, output_2d, row_tiles
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
@@ -51,19 +51,11 @@ def silu_and_mul(x: torch.Tensor, *, num_sms: int | None = None, out: torch.Tens
     if x.stride(1) != 1:
         raise ValueError(f"x must be contiguous in its last dimension, got strides {x.stride()}")
     num_tokens, inter = x.shape[0], x.shape[1] // 2
-    if out is None:
-        out = torch.empty((num_tokens, inter), dtype=x.dtype, device=x.device)
-    else:
-        check_tensor("out", out, ndim=2, dtypes=(x.dtype,), device=x.device, shape=(num_tokens, inter))
-        if out.stride(1) != 1:
-            raise ValueError(f"out must be contiguous in its last dimension, got strides {out.stride()}")
+    out = output_2d(out, (num_tokens, inter), x.dtype, x.device)
     if inter == 0:
         return out
 
-    block_i = min(next_power_of_2(inter), TILE_COLS)
-    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_i))
-    col_tiles = triton.cdiv(inter, block_i)
-    num_tiles = triton.cdiv(num_tokens, block_t) * col_tiles
+    block_t, block_i, col_tiles, num_tiles = row_tiles(num_tokens, inter, TILE_COLS, TILE_ELEMS)
     grid = num_programs(num_tiles, num_sms, x.device)
     _silu_and_mul_kernel[(grid,)](
         x, out, num_tokens, inter, x.stride(0), out.stride(0), col_tiles, num_tiles, grid,

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, num_programs, output_2d, row_tiles
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
@@ -48,19 +48,11 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = 
     if weight.stride(1) != 1:
         raise ValueError(f"weight must be contiguous in its last dimension, got strides {weight.stride()}")
     num_tokens, hidden = ids.shape[0], weight.shape[1]
-    if out is None:
-        out = torch.empty((num_tokens, hidden), dtype=weight.dtype, device=weight.device)
-    else:
-        check_tensor("out", out, ndim=2, dtypes=(weight.dtype,), device=weight.device, shape=(num_tokens, hidden))
-        if out.stride(1) != 1:
-            raise ValueError(f"out must be contiguous in its last dimension, got strides {out.stride()}")
+    out = output_2d(out, (num_tokens, hidden), weight.dtype, weight.device)
     if hidden == 0:
         return out
 
-    block_h = min(next_power_of_2(hidden), TILE_COLS)
-    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // block_h))
-    col_tiles = triton.cdiv(hidden, block_h)
-    num_tiles = triton.cdiv(num_tokens, block_t) * col_tiles
+    block_t, block_h, col_tiles, num_tiles = row_tiles(num_tokens, hidden, TILE_COLS, TILE_ELEMS)
     grid = num_programs(num_tiles, num_sms, weight.device)
     _embedding_kernel[(grid,)](
         ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), col_tiles, num_tiles, grid,

@@ -77,3 +77,22 @@ def tl_dtype(dtype: torch.dtype):
 
 
 next_power_of_2 = triton.next_power_of_2
+
+
+def output_2d(out, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`out` checked against [rows, cols] (rows may be strided, the last dimension contiguous), or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_tensor("out", out, ndim=2, dtypes=(dtype,), device=device, shape=shape)
+    if out.stride(1) != 1:
+        raise ValueError(f"out must be contiguous in its last dimension, got strides {out.stride()}")
+    return out
+
+
+def row_tiles(num_rows: int, num_cols: int, tile_cols: int, tile_elems: int) -> tuple[int, int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, column tiles, tiles) of a row-wise kernel: up to `tile_cols` columns and `tile_elems`
+    elements a tile."""
+    block_cols = min(next_power_of_2(num_cols), tile_cols)
+    block_rows = max(1, min(next_power_of_2(max(num_rows, 1)), tile_elems // block_cols))
+    col_tiles = triton.cdiv(num_cols, block_cols)
+    return block_rows, block_cols, col_tiles, triton.cdiv(num_rows, block_rows) * col_tiles

