@@ -52,7 +52,7 @@ class Engine:
         parts = build_parts(self.config)
         self.model_config, self.tokenizer = parts.model_config, parts.tokenizer
         self.scheduler, self.executor, self.policy = parts.scheduler, parts.executor, parts.policy
-        self.max_model_len = parts.max_model_len
+        self.max_model_len, self.latency_model = parts.max_model_len, parts.latency_model
         self._rng = random.Random(seed)
         self._requests: dict[str, _Request] = {}
         self._rejected: list[RequestOutput] = []

@@ -70,6 +70,7 @@ class EngineParts:
     executor: ModelRunner | SimulatedExecutor
     policy: object
     max_model_len: int
+    latency_model: LatencyModel | None
 
 
 # HBM of the GPUs the simulated backend knows, for sizing its KV cache (a profile JSON may give memory_bytes instead).
@@ -199,7 +200,7 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
         tokenizer = Tokenizer.from_path(str(path)) if path else None
     logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
                 cfg.backend, hw.name if sim else device, dtype, num_blocks, cfg.block_size, max_model_len, cfg.policy)
-    return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len)
+    return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len, latency)
 
 
 def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int):

@@ -52,7 +52,8 @@ def mode_fraction(modes: Sequence[str], weights: Sequence[float] | None = None) 
 
 def serving_metrics(outputs: Sequence[RequestOutput], modes: Sequence[str], *, ttft_slo_ms: float, tbt_slo_ms: float,
                     policy: str | None = None, workload: str | None = None, rate: float | None = None,
-                    step_durations: Sequence[float] | None = None) -> dict:
+                    step_durations: Sequence[float] | None = None,
+                    step_predictions: Sequence[float | None] | None = None) -> dict:
     """The metrics of a run: `outputs` are the finished requests, `modes` each engine step's mode.
 
     duration_s spans the first arrival to the last token; throughputs and goodput (requests meeting both SLOs per
@@ -79,7 +80,19 @@ def serving_metrics(outputs: Sequence[RequestOutput], modes: Sequence[str], *, t
         "slo_attainment": good / len(outputs), "goodput_req_s": per_s(good),
         "mode_fraction": mode_fraction(modes),
         "mode_time_fraction": mode_fraction(modes, step_durations) if step_durations is not None else None,
+        "latency_model_error": prediction_error(step_durations, step_predictions),
     }
+
+
+def prediction_error(measured: Sequence[float] | None, predicted: Sequence[float | None] | None) -> dict | None:
+    """Median, p90 and mean of |predicted - measured| / measured over the steps that have both (None if none do)."""
+    if measured is None or predicted is None:
+        return None
+    errors = [abs(p - m) / m for m, p in zip(measured, predicted) if p is not None and m > 0]
+    if not errors:
+        return None
+    stats = summarize(errors)
+    return {"median": stats["p50"], "p90": stats["p90"], "mean": stats["mean"], "num_steps": len(errors)}
 
 
 def _ms(stats: dict[str, float | None]) -> dict[str, float | None]:

@@ -8,6 +8,7 @@ from minidu.engine import Engine
 from minidu.outputs import RequestOutput
 from minidu.sampling_params import SamplingParams
 from minidu.scheduler.plan import AggregatedPlan, Plan
+from minidu.scheduler.sim_executor import plan_times
 from minidu.workloads import RequestSpec, prompt_token_ids
 
 
@@ -25,6 +26,7 @@ class StepRecord:
     k: int
     prefill_tokens: int
     decode_tokens: int
+    predicted: float | None = None  # the latency model's step time, when the engine has one
 
 
 @dataclass(slots=True)
@@ -82,7 +84,10 @@ def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, pro
                 if engine.last_plan.num_tokens == 0 and not outputs:
                     raise RuntimeError(f"the engine scheduled nothing with {len(specs) - len(done)} requests "
                                        f"unfinished (KV cache too small for the waiting prompts?)")
-                steps.append(step_record(engine.last_plan, t0 - start, engine.clock() - start, num_sms))
+                record = step_record(engine.last_plan, t0 - start, engine.clock() - start, num_sms)
+                if engine.latency_model is not None:
+                    record.predicted = plan_times(engine.latency_model, engine.last_plan, num_sms)[2]
+                steps.append(record)
             for out in outputs:
                 if out.finished:
                     done[out.request_id] = out

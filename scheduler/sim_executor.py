@@ -4,6 +4,21 @@ from minidu.scheduler.plan import AggregatedPlan, Plan, ScheduledChunk, StepOutp
 from minidu.scheduler.roofline import LatencyModel
 
 
+def plan_times(model: LatencyModel, plan: Plan, num_sms: int) -> tuple[float, float, float]:
+    """(t_p, t_d, step time) predicted for a plan: aggregated, the mixed step's time (as both t_p and t_d);
+    multiplexed, the prefill step, one decode step, and max(k * t_d, t_p)."""
+    if isinstance(plan, AggregatedPlan):
+        t = _time(model, plan.chunks, plan.num_sms or num_sms)
+        return t, t, t
+    t_d = _time(model, plan.decode, plan.num_sms_decode)
+    t_p = _time(model, plan.prefill, plan.num_sms_prefill)
+    return t_p, t_d, max(plan.k * t_d, t_p)
+
+
+def _time(model: LatencyModel, chunks: list[ScheduledChunk], num_sms: int) -> float:
+    return model.step_time([(c.num_new_tokens, c.start) for c in chunks], num_sms) if chunks else 0.0
+
+
 def placeholder_token(seed: int, step: int, vocab_size: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % vocab_size
 
@@ -27,21 +42,15 @@ class SimulatedExecutor:
     def execute(self, plan: Plan) -> StepOutput:
         out = StepOutput()
         start = self.now
+        t_p, t_d, elapsed = plan_times(self.model, plan, self.num_sms)
         if isinstance(plan, AggregatedPlan):
-            elapsed = self._time(plan.chunks, plan.num_sms or self.num_sms)
             self._sample(out, plan.chunks, 1, lambda i: start + elapsed)
         else:
-            t_d = self._time(plan.decode, plan.num_sms_decode)
-            t_p = self._time(plan.prefill, plan.num_sms_prefill)
-            elapsed = max(plan.k * t_d, t_p)
             self._sample(out, plan.decode, plan.k, lambda i: start + (i + 1) * t_d)
             self._sample(out, plan.prefill, 1, lambda i: start + t_p)
         self.now += elapsed
         self.busy_time += elapsed
         return out
-
-    def _time(self, chunks: list[ScheduledChunk], num_sms: int) -> float:
-        return self.model.step_time([(c.num_new_tokens, c.start) for c in chunks], num_sms) if chunks else 0.0
 
     def _sample(self, out: StepOutput, chunks: list[ScheduledChunk], k: int, time_of) -> None:
         for c in chunks:

@@ -88,7 +88,8 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
                               tbt_slo_ms=args.tbt_slo_ms, policy=policy,
                               workload=f"trace:{Path(args.trace).name}" if args.trace else workload,
                               rate=None if args.trace or math.isinf(rate) else rate,
-                              step_durations=[s.end - s.start for s in run.steps])
+                              step_durations=[s.end - s.start for s in run.steps],
+                              step_predictions=[s.predicted for s in run.steps])
     metrics |= {"model": args.model, "backend": args.backend, "gpu": hardware_name(args, engine),
                 "num_sms": engine_num_sms(engine), "num_preemptions": engine.scheduler.num_preemptions,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "seed": args.seed}
@@ -123,6 +124,9 @@ def print_summary(m: dict) -> None:
           f"{m['tbt_slo_ms']:g} ms), goodput {m['goodput_req_s']:.2f} req/s")
     print(f"steps: {100 * modes['aggregated']:.1f}% aggregated, {100 * modes['multiplexed']:.1f}% multiplexed; "
           f"{m['num_preemptions']} preemptions")
+    if (err := m["latency_model_error"]) is not None and m["backend"] != "sim":
+        print(f"latency model error |predicted - measured| / measured over {err['num_steps']} steps: "
+              f"median {100 * err['median']:.1f}%, p90 {100 * err['p90']:.1f}%")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ per-request SLO judgement on TTFT and the request's own p99 gap, throughput over
 and step mode shares."""
 import pytest
 
-from minidu.metrics import meets_slo, mode_fraction, serving_metrics, summarize, token_gaps
+from minidu.metrics import meets_slo, mode_fraction, prediction_error, serving_metrics, summarize, token_gaps
 from minidu.outputs import RequestOutput
 
 
@@ -83,3 +83,11 @@ def test_serving_metrics_validates():
         serving_metrics([], [], ttft_slo_ms=1, tbt_slo_ms=1)
     with pytest.raises(ValueError, match="tbt_slo_ms"):
         serving_metrics(RUN, [], ttft_slo_ms=1, tbt_slo_ms=0)
+
+
+def test_prediction_error_over_steps_with_predictions():
+    err = prediction_error([1.0, 2.0, 4.0, 1.0], [1.1, 1.0, None, 1.0])
+    assert err["num_steps"] == 3
+    assert err["median"] == pytest.approx(0.1) and err["mean"] == pytest.approx((0.1 + 0.5 + 0.0) / 3)
+    assert err["p90"] == pytest.approx(0.1 + 0.8 * 0.4)  # between 0.1 and 0.5 at 90% of the way
+    assert prediction_error([1.0], [None]) is None and prediction_error(None, None) is None

@@ -165,3 +165,11 @@ def test_sweep_capacity_brackets_the_target(monkeypatch, tmp_path):
     failed = [p["rate"] for p in result["probes"] if p["slo_attainment"] < 0.9]
     assert result["capacity_req_s"] == max(passed, default=0.0)
     assert failed and min(r for r in failed if r > result["capacity_req_s"]) <= result["capacity_req_s"] / 0.7 + 1e-9
+
+
+def test_simulated_steps_last_exactly_their_prediction(runs):
+    # The simulator advances its clock by the latency model, so the model's error on it must be zero: this checks
+    # that serving records the prediction of the plan that actually ran.
+    for policy, (_, run) in runs.items():
+        steps = [s for s in run.steps if s.end > s.start]
+        assert steps and all(s.predicted == pytest.approx(s.end - s.start, rel=1e-9) for s in steps), policy
