@@ -1,7 +1,6 @@
 """minidu.Engine: the front door. Turns prompts into requests, asks the scheduler for a plan each step, has an executor
 run it, and turns sampled tokens back into text and RequestOutputs."""
 import dataclasses
-import logging
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -13,8 +12,6 @@ from minidu.outputs import RequestOutput
 from minidu.sampling_params import SamplingParams
 from minidu.scheduler.sequence import Sequence
 from minidu.tokenizer import find_stop, stable_text
-
-logger = logging.getLogger("minidu")
 
 
 @dataclass(slots=True)
@@ -188,7 +185,8 @@ class Engine:
         if self.tokenizer is None:
             return
         old = len(req.text)
-        req.text = stable_text(self.tokenizer.decode(req.seq.output_token_ids))
+        text = self.tokenizer.decode(req.seq.output_token_ids)
+        req.text = text if req.seq.is_finished else stable_text(text)
         hit = find_stop(req.text, req.params.stop, old)
         if hit is not None:
             req.text = req.text[:hit]

@@ -159,3 +159,17 @@ def test_bf16_on_cpu_is_refused(checkpoint):
         pytest.skip("only the CPU refuses bf16")
     with pytest.raises(ValueError, match="bfloat16"):
         make_engine(checkpoint, dtype="bfloat16")
+
+
+def test_stop_string_truncates_text_and_finishes(tmp_path):
+    write_checkpoint(tmp_path, tokenizer=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    full = make_engine(tmp_path).generate(["Hello"], greedy, use_tqdm=False)[0]
+    stop = full.text[4:6]
+    assert stop and full.text.find(stop) == 4, "pick a stop string whose first occurrence is at index 4"
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stop)
+    engine = make_engine(tmp_path)
+    out = engine.generate(["Hello"], params, use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:4]
+    assert out.token_ids == full.token_ids[:len(out.token_ids)] and len(out.token_ids) < len(full.token_ids)
+    assert all_blocks_free(engine)
