@@ -85,6 +85,8 @@ def resolve_device(device) -> torch.device:
         raise ValueError("device cuda was asked for, but Triton runs interpreted here (no CUDA or TRITON_INTERPRET=1)")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device}")
+    if device.type == "cpu" and not INTERPRET:
+        raise ValueError("device cpu needs Triton's interpreter: set TRITON_INTERPRET=1 before importing minidu")
     return device
 
 

@@ -74,3 +74,24 @@ def test_static_policy_engine_matches_aggregated(checkpoint):
     expected = run(make_engine(checkpoint), greedy)
     engine = make_engine(checkpoint, policy="static", hardware="h200", decode_sms=16)
     assert run(engine, greedy) == expected
+
+
+def test_duet_policy_splits_and_keeps_the_tokens(checkpoint, tmp_path):
+    # A deliberately slow 16-SM profile makes the tiny model's mixed steps break a 0.5 ms objective that split
+    # decode steps meet, so the real duet policy emits multiplexed plans with look-ahead.
+    from minidu.scheduler.hardware import HardwareProfile
+
+    profile = tmp_path / "slow.json"
+    profile.write_text(HardwareProfile("slow-gpu", 16, 2e9, 2e9, 4, 0.0).to_json())
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = run(make_engine(checkpoint, max_num_batched_tokens=8), greedy)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, policy="duet", hardware=str(profile), tbt_slo_ms=0.5)
+    ids = [engine.add_request(p, greedy) for p in PROMPTS]
+    plans, done = [], {}
+    while engine.has_unfinished_requests():
+        done |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
+        plans.append(engine.last_plan)
+    assert [done[i] for i in ids] == expected
+    multiplexed = [p for p in plans if isinstance(p, MultiplexedPlan)]
+    assert multiplexed and max(p.k for p in multiplexed) > 1
+    assert all(p.num_sms_prefill + p.num_sms_decode <= 16 for p in multiplexed)
