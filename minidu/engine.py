@@ -16,8 +16,7 @@ from minidu.tokenizer import find_stop, stable_text
 
 @dataclass(slots=True)
 class _Request:
-    seq: Sequence
-    params: SamplingParams
+    seq: Sequence  # seq.params holds the request's SamplingParams
     text: str = ""
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -84,7 +83,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=now, stop_token_ids=frozenset(stop_ids),
                        params=params, seed=seed)
-        self._requests[request_id] = _Request(seq, params)
+        self._requests[request_id] = _Request(seq)
         self.scheduler.add(seq)
         return request_id
 
@@ -187,7 +186,7 @@ class Engine:
         old = len(req.text)
         text = self.tokenizer.decode(req.seq.output_token_ids)
         req.text = text if req.seq.is_finished else stable_text(text)
-        hit = find_stop(req.text, req.params.stop, old)
+        hit = find_stop(req.text, req.seq.params.stop, old)
         if hit is not None:
             req.text = req.text[:hit]
             if not req.seq.is_finished:

@@ -102,19 +102,15 @@ def engine_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtyp
     return resolved
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return per_token * block_size * _element_size(dtype)
+    return per_token * block_size * dtype.itemsize
 
 
 def _activation_bytes(cfg: EngineConfig, c: ModelConfig, dtype: torch.dtype) -> int:
     """A generous bound on one step's live activations: a few token-wide buffers plus fp32 logits."""
     width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + 2 * c.intermediate_size + 2 * c.hidden_size
-    return 3 * cfg.max_num_batched_tokens * width * _element_size(dtype) + cfg.max_num_seqs * c.vocab_size * 4
+    return 3 * cfg.max_num_batched_tokens * width * dtype.itemsize + cfg.max_num_seqs * c.vocab_size * 4
 
 
 def _blocks_in(available: float, cfg: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
@@ -147,13 +143,13 @@ def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: Hardware
     weights = (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
         c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
         + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
-    available = memory * cfg.gpu_memory_utilization - weights * _element_size(dtype) - _activation_bytes(cfg, c, dtype)
+    available = memory * cfg.gpu_memory_utilization - weights * dtype.itemsize - _activation_bytes(cfg, c, dtype)
     return _blocks_in(available, cfg, c, dtype)
 
 
 def model_shape(c: ModelConfig, dtype: torch.dtype) -> ModelShape:
     return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                      c.intermediate_size, c.vocab_size, _element_size(dtype), c.qk_norm, c.attention_bias)
+                      c.intermediate_size, c.vocab_size, dtype.itemsize, c.qk_norm, c.attention_bias)
 
 
 def hardware_profile(cfg: EngineConfig, device: torch.device) -> HardwareProfile | None:

@@ -62,7 +62,7 @@ class ModelRunner:
             return
         if all(c.is_decode for c in chunks):
             if self.use_cuda_graph:
-                self._decode_graph(out, chunks, 1, num_sms, torch.cuda.current_stream())
+                self._collect_graph(out, chunks, *self._launch_graph(chunks, 1, num_sms, torch.cuda.current_stream()))
             else:
                 self._decode_eager(out, chunks, 1, num_sms)
             return
@@ -115,9 +115,6 @@ class ModelRunner:
         for c, row in zip(chunks, tokens):
             out.add(c.seq.seq_id, row, times)
 
-    def _decode_graph(self, out: StepOutput, chunks: list[ScheduledChunk], k: int, num_sms: int | None, stream) -> None:
-        self._collect_graph(out, chunks, *self._launch_graph(chunks, k, num_sms, stream))
-
     def _launch_graph(self, chunks: list[ScheduledChunk], k: int, num_sms: int | None, stream):
         """Launches k graph replays without host synchronisation; returns (tokens [k, B] on device, step events)."""
         graph = self._graph(self._bucket(len(chunks)), num_sms)
@@ -139,12 +136,6 @@ class ModelRunner:
         if key not in self.graphs:
             self.graphs[key] = DecodeGraph(self, batch, num_sms)
         return self.graphs[key]
-
-    def capture_graphs(self, num_sms_values: tuple[int | None, ...] = (None,)) -> None:
-        """Captures the decode graph of every batch bucket for each SM budget up front."""
-        for num_sms in num_sms_values:
-            for batch in self.graph_buckets:
-                self._graph(batch, num_sms)
 
 
 def _event_times(events: list, end=None) -> list[float]:

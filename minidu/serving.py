@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass
 from minidu.engine import Engine
 from minidu.outputs import RequestOutput
 from minidu.sampling_params import SamplingParams
-from minidu.scheduler.plan import AggregatedPlan, Plan
-from minidu.scheduler.sim_executor import plan_times
+from minidu.scheduler.plan import AggregatedPlan, Plan, plan_times
 from minidu.workloads import RequestSpec, prompt_token_ids
 
 

@@ -1,7 +1,11 @@
 """Execution plans: what one engine step runs and on how many SMs. The scheduler emits them; executors carry them out."""
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from minidu.scheduler.sequence import Sequence
+
+if TYPE_CHECKING:
+    from minidu.scheduler.roofline import LatencyModel
 
 
 @dataclass(slots=True)
@@ -67,3 +71,19 @@ class StepOutput:
     def add(self, seq_id: int, tokens: list[int], times: list[float]) -> None:
         assert len(tokens) == len(times)
         self.tokens[seq_id], self.times[seq_id] = tokens, times
+
+
+def plan_times(model: "LatencyModel", plan: Plan, num_sms: int) -> tuple[float, float, float]:
+    """(t_p, t_d, step time) predicted for a plan: aggregated, the mixed step's time (as both t_p and t_d);
+    multiplexed, the prefill step, one decode step, and max(k * t_d, t_p)."""
+    if isinstance(plan, AggregatedPlan):
+        t = chunks_time(model, plan.chunks, plan.num_sms or num_sms)
+        return t, t, t
+    t_d = chunks_time(model, plan.decode, plan.num_sms_decode)
+    t_p = chunks_time(model, plan.prefill, plan.num_sms_prefill)
+    return t_p, t_d, max(plan.k * t_d, t_p)
+
+
+def chunks_time(model: "LatencyModel", chunks: list[ScheduledChunk], num_sms: int) -> float:
+    """The latency model's time for one forward pass over `chunks` on `num_sms` SMs (0 for none)."""
+    return model.step_time([(c.num_new_tokens, c.start) for c in chunks], num_sms) if chunks else 0.0

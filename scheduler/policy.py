@@ -8,7 +8,7 @@ the mixed step would break the TBT objective, then splits the SMs so decode just
 from dataclasses import dataclass
 
 from minidu.scheduler.partition import choose_partition
-from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk
+from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk, chunks_time
 from minidu.scheduler.roofline import LatencyModel
 from minidu.scheduler.scheduler import Scheduler
 
@@ -44,7 +44,7 @@ def fit_lookahead(scheduler: Scheduler, decode: list[ScheduledChunk], k: int) ->
         k -= 1
     for c in decode:
         scheduler.reserve_lookahead(c, k)
-    return max(k, 1)
+    return k
 
 
 @dataclass(slots=True)
@@ -65,8 +65,8 @@ class StaticPolicy:
     def plan(self, scheduler: Scheduler) -> Plan:
         prefill, decode = split(scheduler.schedule())
         prefill_sms = self.num_sms - self.decode_sms
-        t_p = self.model.step_time([(c.num_new_tokens, c.start) for c in prefill], prefill_sms) if prefill else 0.0
-        t_d = self.model.decode_time([c.start for c in decode], self.decode_sms) if decode else 0.0
+        t_p = chunks_time(self.model, prefill, prefill_sms)
+        t_d = chunks_time(self.model, decode, self.decode_sms)
         k = max(1, min(self.max_k, round(t_p / t_d))) if prefill and decode else 1
         k = fit_lookahead(scheduler, decode, k) if decode else 1
         return MultiplexedPlan(prefill, prefill_sms, decode, self.decode_sms, k, max(k * t_d, t_p))
