@@ -122,7 +122,7 @@ class Engine:
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
         if self.scheduler.has_unfinished():
-            plan = self.policy.plan(self.scheduler)
+            plan = self.scheduler.commit(self.policy.plan(self.scheduler))
             self.last_plan = plan
             for seq, tokens, times in self.scheduler.postprocess(plan, self.executor.execute(plan)):
                 if tokens:

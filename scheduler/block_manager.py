@@ -62,18 +62,38 @@ class BlockManager:
         The last token is never taken from the cache, because the step that computes it produces the next token's logits.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        prev_hash = None
-        if self.enable_prefix_caching:
-            for start in range(0, seq.num_tokens - 1 - self.block_size + 1, self.block_size):
-                tokens = tuple(seq.token_ids[start:start + self.block_size])
-                prev_hash = block_hash(tokens, prev_hash)
-                block_id = self.hash_to_block.get(prev_hash)
-                if block_id is None or self.blocks[block_id].token_ids != tokens:
-                    break
-                self._ref(block_id)
-                seq.block_table.append(block_id)
+        for block_id in list(self._cached_blocks(seq)):
+            self._ref(block_id)
+            seq.block_table.append(block_id)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def prefix_hit(self, seq: Sequence) -> tuple[int, int]:
+        """What `allocate_prefix` would find, changing nothing: (cached tokens, how many of their blocks now sit in the
+        free list and would leave it)."""
+        num_blocks, num_reused = 0, 0
+        for block_id in self._cached_blocks(seq):
+            num_blocks += 1
+            num_reused += self.blocks[block_id].ref_count == 0
+        return num_blocks * self.block_size, num_reused
+
+    def num_freed_by(self, seq: Sequence) -> int:
+        """Blocks that freeing `seq` would return to the free list (those no other request references)."""
+        return sum(self.blocks[b].ref_count == 1 for b in seq.block_table)
+
+    def _cached_blocks(self, seq: Sequence):
+        """The cached blocks holding the longest hashed prefix of `seq`'s tokens but its last one (the step that
+        computes the last token produces the next token's logits)."""
+        if not self.enable_prefix_caching:
+            return
+        prev_hash = None
+        for start in range(0, seq.num_tokens - 1 - self.block_size + 1, self.block_size):
+            tokens = tuple(seq.token_ids[start:start + self.block_size])
+            prev_hash = block_hash(tokens, prev_hash)
+            block_id = self.hash_to_block.get(prev_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                return
+            yield block_id
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

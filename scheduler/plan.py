@@ -8,23 +8,40 @@ if TYPE_CHECKING:
     from minidu.scheduler.roofline import LatencyModel
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """`num_new_tokens` tokens of `seq` starting at token `start`; the chunk that reaches the sequence's last known
-    token samples the next one (a decode chunk run for k steps samples k)."""
+    """`num_new_tokens` tokens of `seq` starting at token `start`. Its kind is fixed when it is scheduled: it `samples`
+    when it reaches the sequence's last known token, and it `is_decode` when that is its only token (decode attention,
+    and possibly k look-ahead steps, each sampling one token)."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
+    samples: bool
+    is_decode: bool
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, start: int, num_new_tokens: int) -> "ScheduledChunk":
+        samples = start + num_new_tokens == seq.num_tokens
+        return cls(seq, start, num_new_tokens, samples, samples and num_new_tokens == 1)
 
-    @property
-    def is_decode(self) -> bool:
-        """One token that produces the next: runs through decode attention (and may run k look-ahead steps)."""
-        return self.num_new_tokens == 1 and self.samples
+    def truncated(self, num_new_tokens: int) -> "ScheduledChunk":
+        """The same chunk cut to its first `num_new_tokens` tokens."""
+        assert 1 <= num_new_tokens <= self.num_new_tokens
+        return self if num_new_tokens == self.num_new_tokens else ScheduledChunk.of(self.seq, self.start, num_new_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """What the scheduler could run next (`chunks`, decodes first, then prefill chunks in FCFS order) and the running
+    requests it must preempt whatever runs (`preempt`: no room for their next tokens)."""
+
+    chunks: list[ScheduledChunk]
+    preempt: tuple[Sequence, ...] = ()
+
+    def split(self) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+        """(prefill chunks, decode chunks)."""
+        return [c for c in self.chunks if not c.is_decode], [c for c in self.chunks if c.is_decode]
 
 
 @dataclass(slots=True)
@@ -34,6 +51,7 @@ class AggregatedPlan:
     chunks: list[ScheduledChunk]
     num_sms: int | None = None
     predicted_time: float | None = None
+    preempt: tuple[Sequence, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +69,7 @@ class MultiplexedPlan:
     num_sms_decode: int
     k: int = 1
     predicted_time: float | None = None
-    extra: dict = field(default_factory=dict)
+    preempt: tuple[Sequence, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +77,10 @@ class MultiplexedPlan:
 
 
 Plan = AggregatedPlan | MultiplexedPlan
+
+
+def plan_chunks(plan: Plan) -> list[ScheduledChunk]:
+    return plan.chunks if isinstance(plan, AggregatedPlan) else [*plan.prefill, *plan.decode]
 
 
 @dataclass(slots=True)

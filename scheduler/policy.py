@@ -4,11 +4,14 @@
 (nano-vllm) runs prefill steps alone, never mixed with decodes; `static` always splits the SMs the same way, a stand-in
 for disaggregated prefill and decode on one GPU; `duet` (DuetServe) runs aggregated until the latency model predicts
 the mixed step would break the TBT objective, then splits the SMs so decode just meets it and prefill gets the rest.
+
+A policy only reads the scheduler's proposals (`Scheduler.propose` changes nothing) and returns a plan; the engine has
+the scheduler commit it.
 """
 from dataclasses import dataclass
 
 from minidu.scheduler.partition import choose_partition
-from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk, chunks_time
+from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, chunks_time
 from minidu.scheduler.roofline import LatencyModel
 from minidu.scheduler.scheduler import Scheduler
 
@@ -19,32 +22,18 @@ class AggregatedPolicy:
     name = "aggregated"
 
     def plan(self, scheduler: Scheduler) -> Plan:
-        return scheduler.schedule()
+        proposal = scheduler.propose()
+        return AggregatedPlan(proposal.chunks, preempt=proposal.preempt)
 
 
 class PrefillFirstPolicy:
     name = "prefill-first"
 
     def plan(self, scheduler: Scheduler) -> Plan:
-        plan = scheduler.schedule(decodes=False)
-        return plan if plan.chunks else scheduler.schedule(prefills=False)
-
-
-def split(plan: AggregatedPlan) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
-    """(prefill chunks, decode chunks) of an aggregated step."""
-    return [c for c in plan.chunks if not c.is_decode], [c for c in plan.chunks if c.is_decode]
-
-
-def fit_lookahead(scheduler: Scheduler, decode: list[ScheduledChunk], k: int) -> int:
-    """The largest k' <= k that the requests can use and the KV pool can hold, with slots reserved for k' steps."""
-    cfg, bm = scheduler.config, scheduler.block_manager
-    k = min(k, max(c.seq.max_tokens - c.seq.num_output_tokens for c in decode),
-            min(cfg.max_model_len - c.seq.num_tokens + 1 for c in decode))
-    while k > 1 and sum(bm.blocks_needed(c.start + k) - len(c.seq.block_table) for c in decode) > bm.num_free_blocks:
-        k -= 1
-    for c in decode:
-        scheduler.reserve_lookahead(c, k)
-    return k
+        proposal = scheduler.propose(decodes=False)
+        if not proposal.chunks:
+            proposal = scheduler.propose(prefills=False)
+        return AggregatedPlan(proposal.chunks, preempt=proposal.preempt)
 
 
 @dataclass(slots=True)
@@ -63,13 +52,13 @@ class StaticPolicy:
             raise ValueError(f"decode_sms must be in [1, {self.num_sms - 1}], got {self.decode_sms}")
 
     def plan(self, scheduler: Scheduler) -> Plan:
-        prefill, decode = split(scheduler.schedule())
+        proposal = scheduler.propose()
+        prefill, decode = proposal.split()
         prefill_sms = self.num_sms - self.decode_sms
         t_p = chunks_time(self.model, prefill, prefill_sms)
         t_d = chunks_time(self.model, decode, self.decode_sms)
         k = max(1, min(self.max_k, round(t_p / t_d))) if prefill and decode else 1
-        k = fit_lookahead(scheduler, decode, k) if decode else 1
-        return MultiplexedPlan(prefill, prefill_sms, decode, self.decode_sms, k, max(k * t_d, t_p))
+        return MultiplexedPlan(prefill, prefill_sms, decode, self.decode_sms, k, max(k * t_d, t_p), proposal.preempt)
 
 
 @dataclass(slots=True)
@@ -84,15 +73,14 @@ class DuetPolicy:
     name: str = "duet"
 
     def plan(self, scheduler: Scheduler) -> Plan:
-        aggregated = scheduler.schedule()
-        prefill, decode = split(aggregated)
+        proposal = scheduler.propose()
+        prefill, decode = proposal.split()
         d = choose_partition([c.start for c in decode], [(c.num_new_tokens, c.start) for c in prefill], self.tbt_slo,
                              self.model, self.num_sms, granularity=self.granularity, max_k=self.max_k, prefer_tbt=True)
         if d.mode == "aggregated":
-            aggregated.predicted_time = d.predicted_time
-            return aggregated
+            return AggregatedPlan(proposal.chunks, predicted_time=d.predicted_time, preempt=proposal.preempt)
         kept = prefill[:d.num_prefill_chunks]
         if kept:
-            kept[-1].num_new_tokens = d.last_chunk_tokens
-        k = fit_lookahead(scheduler, decode, d.k)
-        return MultiplexedPlan(kept, d.num_sms_prefill, decode, d.num_sms_decode, k, d.predicted_time)
+            kept[-1] = kept[-1].truncated(d.last_chunk_tokens)
+        return MultiplexedPlan(kept, d.num_sms_prefill, decode, d.num_sms_decode, d.k, d.predicted_time,
+                               proposal.preempt)

@@ -1,14 +1,16 @@
 """Continuous batching with stall-free chunked prefill (Sarathi-Serve): running decodes first, then prefill chunks up to
 the token budget, FCFS; when KV blocks run out the newest running request is preempted and later recomputed.
 
-The scheduler decides which requests advance and by how many tokens; executors (GPU or simulated) run its plans and
-hand the sampled tokens back to `postprocess`.
+Each step the scheduler proposes what could run (`propose`, no state changes), a policy chooses a plan from the
+proposal, and the scheduler commits exactly that plan (`commit`: admission, preemption, KV slots); executors (GPU or
+simulated) run it and hand the sampled tokens back to `postprocess`.
 """
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
 from minidu.scheduler.block_manager import BlockManager
-from minidu.scheduler.plan import AggregatedPlan, Plan, ScheduledChunk, StepOutput
+from minidu.scheduler.plan import MultiplexedPlan, Plan, Proposal, ScheduledChunk, StepOutput, plan_chunks
 from minidu.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -59,53 +61,83 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
-    def schedule(self, decodes: bool = True, prefills: bool = True) -> AggregatedPlan:
-        """The aggregated step: every running decode, then prefill chunks filling `max_num_batched_tokens`.
-
-        `decodes=False` or `prefills=False` leaves that kind of work out (prefill-first scheduling uses both).
-        """
-        budget = self.config.max_num_batched_tokens
+    def propose(self, decodes: bool = True, prefills: bool = True) -> Proposal:
+        """What could run next, changing nothing: every running decode, then prefill chunks (running requests', then
+        waiting requests' in FCFS order) within `max_num_batched_tokens`, the seq limit and the KV pool. Where blocks
+        run short the newest running requests make room: one that is not reached before the older ones is evicted
+        lazily by `commit` (only if a chosen chunk needs its blocks); one that cannot fit itself is in `preempt`.
+        `decodes=False` or `prefills=False` leaves that kind of work out (prefill-first scheduling)."""
+        bm = self.block_manager
+        budget, free = self.config.max_num_batched_tokens, bm.num_free_blocks
         chunks: list[ScheduledChunk] = []
+        preempt: list[Sequence] = []
         queue = [s for s in self.running if s.num_uncomputed_tokens == 1] if decodes else []
         if prefills:
             queue += [s for s in self.running if s.num_uncomputed_tokens > 1]
-        while queue:
+        num_running = len(self.running)
+        while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0:
-                continue
-            if self._make_room(seq, n, queue):
-                chunks.append(self._take(seq, n))
+            need = bm.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
+            while need > free:
+                victim = max([*queue, seq], key=lambda s: s.seq_id)
+                free += bm.num_freed_by(victim)
+                num_running -= 1
+                if victim is seq:
+                    preempt.append(seq)
+                    break
+                queue.remove(victim)
+            if need <= free and seq not in preempt:
+                free -= need
+                chunks.append(ScheduledChunk.of(seq, seq.num_computed_tokens, n))
                 budget -= n
-        while prefills and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            self.block_manager.allocate_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_append(seq, n):
-                self.block_manager.free(seq)
+        for seq in self.waiting if prefills else ():
+            if budget == 0 or num_running >= self.config.max_num_seqs:
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(self._take(seq, n))
+            cached, reused = bm.prefix_hit(seq)
+            n = min(seq.num_tokens - cached, budget)
+            need = reused + bm.blocks_needed(cached + n) - cached // bm.block_size
+            if need > free:
+                break
+            free -= need
+            chunks.append(ScheduledChunk.of(seq, cached, n))
             budget -= n
-        return AggregatedPlan(chunks)
+            num_running += 1
+        return Proposal(chunks, tuple(preempt))
 
-    def _take(self, seq: Sequence, n: int) -> ScheduledChunk:
-        chunk = ScheduledChunk(seq, seq.num_computed_tokens, n)
-        self.block_manager.append_slots(seq, n)
-        return chunk
+    def commit(self, plan: Plan) -> Plan:
+        """Makes `plan` (chosen from this step's `propose`, possibly fewer or truncated chunks) happen: admits its
+        waiting requests first (so their prefix-cache hits are taken before any block is reused), preempts what the
+        proposal said must go, evicts the newest running requests outside the plan where blocks still run short, and
+        allocates the plan's slots and look-ahead slots. Returns the plan as committed (a multiplexed plan's k may
+        shrink to what the requests and the KV pool allow)."""
+        chunks = plan_chunks(plan)
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.status is SequenceStatus.WAITING:
+                self.block_manager.allocate_prefix(seq)
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            assert seq.num_computed_tokens == chunk.start, "a plan must come from this step's proposal"
+        for seq in plan.preempt:
+            self.preempt(seq)
+        chosen = {c.seq.seq_id for c in chunks}
+        for chunk in chunks:
+            self._make_room(chunk.seq, chunk.num_new_tokens, chosen)
+            self.block_manager.append_slots(chunk.seq, chunk.num_new_tokens)
+        if isinstance(plan, MultiplexedPlan) and plan.decode:
+            k = self.reserve_lookahead(plan.decode, plan.k)
+            if k != plan.k:
+                plan = dataclasses.replace(plan, k=k)
+        return plan
 
-    def _make_room(self, seq: Sequence, n: int, queue: list[Sequence]) -> bool:
-        """Preempts the newest unscheduled running requests until `seq` has room for `n` more tokens; False when `seq`
-        itself was the newest and got preempted."""
+    def _make_room(self, seq: Sequence, n: int, chosen: set[int]) -> None:
+        """Preempts the newest running requests outside the plan until `seq` has room for `n` more tokens."""
         while not self.block_manager.can_append(seq, n):
-            victim = max([*queue, seq], key=lambda s: s.seq_id)
-            self.preempt(victim)
-            if victim is seq:
-                return False
-            queue.remove(victim)
-        return True
+            victims = [s for s in self.running if s.seq_id not in chosen]
+            assert victims, "the proposal only holds chunks that fit"
+            self.preempt(max(victims, key=lambda s: s.seq_id))
 
     def preempt(self, seq: Sequence) -> None:
         """Frees `seq`'s blocks and puts it first in line; its tokens so far are recomputed when it is readmitted."""
@@ -116,10 +148,19 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def reserve_lookahead(self, chunk: ScheduledChunk, k: int) -> None:
-        """Gives a decode chunk room for k tokens' KV so k decode steps can run without the host in between."""
-        assert chunk.is_decode and k >= 1
-        self.block_manager.append_slots(chunk.seq, k)
+    def reserve_lookahead(self, decode: list[ScheduledChunk], k: int) -> int:
+        """Gives committed decode chunks room for k tokens' KV, so k decode steps run without the host in between;
+        returns the k reserved: at most what the longest-running request can still generate (the others drop their
+        tokens past their end), what fits in max_model_len for all of them, and what the KV pool can hold."""
+        assert k >= 1 and all(c.is_decode for c in decode)
+        bm = self.block_manager
+        k = min(k, max(c.seq.max_tokens - c.seq.num_output_tokens for c in decode),
+                *(self.config.max_model_len - c.seq.num_tokens + 1 for c in decode))
+        while k > 1 and sum(bm.blocks_needed(c.start + k) - len(c.seq.block_table) for c in decode) > bm.num_free_blocks:
+            k -= 1
+        for c in decode:
+            bm.append_slots(c.seq, k)
+        return k
 
     def postprocess(self, plan: Plan, output: StepOutput) -> list[tuple[Sequence, list[int], list[float]]]:
         """Applies a finished step: advances computed-token counts, appends sampled tokens, finishes and frees requests.
@@ -127,9 +168,8 @@ class Scheduler:
         Returns each advanced sequence with the tokens it kept this step and their times (empty for mid-prompt
         chunks); look-ahead tokens after a stop are dropped.
         """
-        chunks = plan.chunks if isinstance(plan, AggregatedPlan) else [*plan.prefill, *plan.decode]
         updates = []
-        for chunk in chunks:
+        for chunk in plan_chunks(plan):
             seq = chunk.seq
             new_tokens = []
             for token in output.tokens.get(seq.seq_id, []) if chunk.samples else []:

@@ -6,7 +6,6 @@ import pytest
 import minidu
 from minidu import SamplingParams
 from minidu.scheduler.plan import MultiplexedPlan
-from minidu.scheduler.policy import fit_lookahead, split
 from tests.engine.test_engine import make_engine
 from tests.models.checkpoints import write_checkpoint
 
@@ -20,13 +19,11 @@ class LookaheadPolicy:
 
     def __init__(self, k: int):
         self.k = k
-        self.ks: list[int] = []
 
     def plan(self, scheduler):
-        prefill, decode = split(scheduler.schedule())
-        k = fit_lookahead(scheduler, decode, self.k) if decode else 1
-        self.ks.append(k)
-        return MultiplexedPlan(prefill, 3, decode, 5, k)
+        proposal = scheduler.propose()
+        prefill, decode = proposal.split()
+        return MultiplexedPlan(prefill, 3, decode, 5, self.k, preempt=proposal.preempt)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +45,14 @@ def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
     expected = run(make_engine(checkpoint, max_num_batched_tokens=8), params)
     engine = make_engine(checkpoint, max_num_batched_tokens=8)
     engine.policy = LookaheadPolicy(k=3)
-    assert run(engine, params) == expected
-    assert max(engine.policy.ks) == 3, "some steps must have run 3 look-ahead decode steps"
+    ks = []
+    ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params if isinstance(params, list) else [params] * 4)]
+    done = {}
+    while engine.has_unfinished_requests():
+        done |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
+        ks.append(engine.last_plan.k)
+    assert [done[i] for i in ids] == expected
+    assert max(ks) == 3, "some steps must have run 3 look-ahead decode steps"
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 

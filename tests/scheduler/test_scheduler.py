@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minidu.scheduler.block_manager import BlockManager
-from minidu.scheduler.plan import StepOutput
+from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, StepOutput
 from minidu.scheduler.scheduler import Scheduler, SchedulerConfig
-from minidu.scheduler.sequence import Sequence
+from minidu.scheduler.sequence import Sequence, SequenceStatus
 
 VOCAB = 50
 
@@ -24,10 +24,24 @@ def expected_output(prompt: list[int], max_tokens: int, stop: int | None) -> lis
     return tokens[len(prompt):]
 
 
+def schedule(scheduler: Scheduler) -> AggregatedPlan:
+    proposal = scheduler.propose()
+    return scheduler.commit(AggregatedPlan(proposal.chunks, preempt=proposal.preempt))
+
+
+def state(scheduler: Scheduler) -> tuple:
+    """Everything a proposal must leave untouched."""
+    bm = scheduler.block_manager
+    seqs = [*scheduler.waiting, *scheduler.running]
+    return ([s.request_id for s in scheduler.waiting], [s.request_id for s in scheduler.running],
+            [(s.status, s.num_computed_tokens, tuple(s.block_table)) for s in seqs], list(bm.free_blocks),
+            [(b.ref_count, b.hash) for b in bm.blocks], dict(bm.hash_to_block), scheduler.num_preemptions)
+
+
 def run(scheduler: Scheduler, max_steps: int = 10_000) -> list:
     plans = []
     while scheduler.has_unfinished():
-        plan = scheduler.schedule()
+        plan = schedule(scheduler)
         assert plan.chunks, "a step with unfinished requests must make progress"
         assert plan.num_tokens <= scheduler.config.max_num_batched_tokens
         sampled = StepOutput()
@@ -71,11 +85,11 @@ def test_decodes_come_first_and_prefill_is_chunked():
     sched = make(budget=8)
     a = Sequence("a", [1, 2, 3], 5)
     sched.add(a)
-    run_one = sched.schedule()
+    run_one = schedule(sched)
     sched.postprocess(run_one, StepOutput({a.seq_id: [9]}))
     b = Sequence("b", list(range(20)), 5)
     sched.add(b)
-    plan = sched.schedule()
+    plan = schedule(sched)
     assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("a", 1), ("b", 7)]
     assert not plan.chunks[1].samples
 
@@ -97,7 +111,7 @@ def test_abort_frees_blocks():
     a, b = Sequence("a", list(range(10)), 50), Sequence("b", list(range(5)), 50)
     sched.add(a)
     sched.add(b)
-    sched.postprocess(sched.schedule(), StepOutput({a.seq_id: [1], b.seq_id: [2]}))
+    sched.postprocess(schedule(sched), StepOutput({a.seq_id: [1], b.seq_id: [2]}))
     assert sched.abort("a") is a and a.finish_reason == "abort"
     assert sched.abort("missing") is None
     sched.abort("b")
@@ -107,3 +121,79 @@ def test_abort_frees_blocks():
 def test_config_rejects_budget_below_num_seqs():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
+
+
+@given(requests, st.integers(4, 24), st.integers(12, 40), st.data())
+def test_proposals_change_nothing_and_rejected_chunks_leave_no_trace(reqs, budget, num_blocks, data):
+    """Each step: propose twice (same answer, same state), then commit a random prefix of the proposal, the last
+    chunk possibly truncated; dropped requests keep their state, and everything still finishes correctly."""
+    sched = make(num_blocks=num_blocks, budget=budget, max_num_seqs=4, max_model_len=44)
+    for i, (prompt, max_tokens) in enumerate(reqs):
+        sched.add(Sequence(str(i), list(prompt), max_tokens))
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        before = state(sched)
+        proposal = sched.propose()
+        assert state(sched) == before
+        assert sched.propose() == proposal
+        keep = data.draw(st.integers(1 if proposal.chunks else 0, len(proposal.chunks)))
+        chunks = proposal.chunks[:keep]
+        if chunks:
+            chunks[-1] = chunks[-1].truncated(data.draw(st.integers(1, chunks[-1].num_new_tokens)))
+        dropped = [c.seq for c in proposal.chunks[keep:] if c.seq not in proposal.preempt]
+        dropped_state = [(s.status, s.num_computed_tokens, tuple(s.block_table), s.num_preemptions) for s in dropped]
+        plan = sched.commit(AggregatedPlan(chunks, preempt=proposal.preempt))
+        for seq, (status, computed, table, preemptions) in zip(dropped, dropped_state):
+            unchanged = (seq.status, seq.num_computed_tokens, tuple(seq.block_table)) == (status, computed, table)
+            evicted = (status is SequenceStatus.RUNNING and seq.status is SequenceStatus.WAITING
+                       and not seq.block_table and seq.num_preemptions == preemptions + 1)
+            assert unchanged or evicted, "a dropped chunk's request is untouched, or evicted for a kept chunk's room"
+        sampled = StepOutput()
+        for c in plan.chunks:
+            assert len(c.seq.block_table) * sched.block_manager.block_size >= c.start + c.num_new_tokens
+            if c.samples:
+                sampled.add(c.seq.seq_id, [next_token(c.seq.token_ids)], [0.0])
+        sched.postprocess(plan, sampled)
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def test_chunk_kind_is_fixed_when_scheduled():
+    sched = make(budget=8)
+    a = Sequence("a", [1, 2, 3], 5)
+    sched.add(a)
+    chunk = sched.propose().chunks[0]
+    assert chunk.samples and not chunk.is_decode
+    a.token_ids.append(4)  # the sequence changes; the scheduled chunk does not
+    assert chunk.samples and not chunk.is_decode
+    cut = chunk.truncated(2)
+    assert (cut.start, cut.num_new_tokens, cut.samples) == (0, 2, False)
+
+
+def test_commit_admits_only_chosen_requests():
+    sched = make(budget=16)
+    a, b = Sequence("a", list(range(6)), 5), Sequence("b", list(range(50, 56)), 5)
+    sched.add(a)
+    sched.add(b)
+    proposal = sched.propose()
+    assert [c.seq for c in proposal.chunks] == [a, b]
+    sched.commit(AggregatedPlan(proposal.chunks[:1]))
+    assert sched.running == [a] and list(sched.waiting) == [b] and not b.block_table
+
+
+@pytest.mark.parametrize("num_blocks, max_tokens, k", [(64, (3, 4), 3), (4, (10, 10), 5)], ids=["tokens", "blocks"])
+def test_reserve_lookahead_stops_at_max_tokens_and_free_blocks(num_blocks, max_tokens, k):
+    """k shrinks to what the longest-running request can still generate (b: 3 more) or to what the two free blocks
+    hold (5 look-ahead tokens each reach token 8 of blocks of 4: one more block each)."""
+    sched = make(num_blocks=num_blocks, block_size=4, budget=16, max_model_len=16)
+    a, b = Sequence("a", [1] * 3, max_tokens[0]), Sequence("b", [2] * 3, max_tokens[1])
+    for s in (a, b):
+        sched.add(s)
+    plan = schedule(sched)
+    sched.postprocess(plan, StepOutput({a.seq_id: [5], b.seq_id: [6]}, {a.seq_id: [0.0], b.seq_id: [0.0]}))
+    proposal = sched.propose()
+    assert all(c.is_decode for c in proposal.chunks)
+    plan = sched.commit(MultiplexedPlan([], 1, proposal.chunks, 1, k=8))
+    assert plan.k == k
+    assert all(len(s.block_table) * 4 >= s.num_computed_tokens + k for s in (a, b))
