@@ -2,10 +2,10 @@
 import functools
 
 import torch
-import minidu._platform  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+import minidu.kernels.platform  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 import triton
 
-from minidu._platform import INTERPRET
+from minidu.kernels.platform import INTERPRET
 
 # The interpreter runs programs one after another, so every extra program only repeats its prologue: one program
 # per launch (results are bitwise the same for any budget).

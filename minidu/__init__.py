@@ -1,5 +1,5 @@
 """minidu: a compact LLM serving engine whose model arithmetic runs in Triton kernels that take an SM budget."""
-from minidu._platform import INTERPRET
+from minidu.kernels.platform import INTERPRET
 
 
 def __getattr__(name: str):

@@ -1,6 +1,7 @@
 """Command line: `python -m minidu generate --model PATH_OR_PRESET --prompt "..."` continues a prompt;
 `python -m minidu chat --model smollm2-135m "What is the capital of France?"` answers with the model's chat template."""
 import argparse
+import logging
 import sys
 
 from minidu.sampling_params import SamplingParams
@@ -45,7 +46,7 @@ def stream(engine, prompt, params: SamplingParams) -> None:
     request_id = engine.add_request(prompt, params)
     printed = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in engine.step().outputs:
             if out.request_id != request_id:
                 continue
             if out.error:
@@ -63,6 +64,7 @@ def stream(engine, prompt, params: SamplingParams) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from minidu.engine import Engine
 
     try:

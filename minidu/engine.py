@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from minidu.engine_config import EngineConfig, build_parts
-from minidu.outputs import RequestOutput
+from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams
+from minidu.scheduler.plan import plan_times
 from minidu.scheduler.sequence import Sequence
 from minidu.tokenizer import find_stop, stable_text
 
@@ -25,34 +26,26 @@ class _Request:
 class Engine:
     """An LLM engine: `Engine(model).generate(prompts, SamplingParams(...))`, or add_request/step for streaming.
 
-    `model` is a local Hugging Face checkpoint directory, a GGUF file, a preset name (random weights) or a Hub repo id.
-    `policy` is one of "aggregated", "prefill-first", "static" (fixed SM split, `decode_sms`) and "duet" (adaptive,
+    `model` is a local Hugging Face checkpoint directory, a GGUF file, a preset name (random weights) or a Hub repo id;
+    `options` are EngineConfig's fields (vLLM's names where vLLM has them). `policy` is one of "aggregated", "prefill-first", "static" (fixed SM split, `decode_sms`) and "duet" (adaptive,
     needs `tbt_slo_ms`); the last two use a latency model over `hardware` (h100, h200, a100 or a profile JSON; found
     from the CUDA device's name by default). `backend="sim"` runs no model: steps take the latency model's predicted
     time on a virtual clock and produce placeholder tokens.
     """
 
-    def __init__(self, model: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
-                 policy: str = "aggregated", tbt_slo_ms: float | None = None, enforce_eager: bool = False,
-                 backend: str = "gpu", hardware: str | None = None, decode_sms: int | None = None):
-        self.config = EngineConfig(
-            model=model, dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, load_format=load_format, seed=seed, policy=policy,
-            tbt_slo_ms=tbt_slo_ms, enforce_eager=enforce_eager, backend=backend, hardware=hardware,
-            decode_sms=decode_sms)
+    def __init__(self, model: str, **options):
+        unknown = sorted(set(options) - set(EngineConfig.__dataclass_fields__) - {"model"})
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; the options are EngineConfig's fields")
+        self.config = EngineConfig(model, **options)
         parts = build_parts(self.config)
         self.model_config, self.tokenizer = parts.model_config, parts.tokenizer
         self.scheduler, self.executor, self.policy = parts.scheduler, parts.executor, parts.policy
         self.max_model_len, self.latency_model = parts.max_model_len, parts.latency_model
-        self._rng = random.Random(seed)
+        self.num_sms = parts.num_sms
+        self._rng = random.Random(self.config.seed)
         self._requests: dict[str, _Request] = {}
         self._rejected: list[RequestOutput] = []
-        self.last_plan = None  # the plan of the latest step, for benchmarks and timelines
 
     # ---- requests ----
 
@@ -117,13 +110,14 @@ class Engine:
 
     # ---- stepping ----
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one step; returns an output for each request that gained tokens or finished."""
+    def step(self) -> StepResult:
+        """Runs one step: the policy chooses a plan from the scheduler's proposal, the scheduler commits it, the
+        executor runs it. Returns an output for each request that gained tokens or finished, with the plan."""
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
+        plan, start = None, self.clock()
         if self.scheduler.has_unfinished():
             plan = self.scheduler.commit(self.policy.plan(self.scheduler))
-            self.last_plan = plan
             for seq, tokens, times in self.scheduler.postprocess(plan, self.executor.execute(plan)):
                 if tokens:
                     self._on_tokens(self._requests[seq.request_id], tokens, times)
@@ -133,7 +127,10 @@ class Engine:
                 outputs.append(self._output(req, new_tokens.get(request_id, [])))
                 if req.seq.is_finished:
                     del self._requests[request_id]
-        return outputs
+        predicted = None
+        if plan is not None and self.latency_model is not None:
+            predicted = plan_times(self.latency_model, plan, self.num_sms)[2]
+        return StepResult(outputs, plan, start, self.clock(), predicted, self.num_sms)
 
     def generate(self, prompts: str | list, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -149,7 +146,7 @@ class Engine:
 
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
             while wanted - done.keys():
-                for out in self.step():
+                for out in self.step().outputs:
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minidu._platform import INTERPRET
+from minidu.kernels.platform import INTERPRET
 from minidu.model_runner import ModelRunner
 from minidu.models.config import ModelConfig
 from minidu.models.loader import build_model, resolve_dtype, resolve_model
@@ -24,24 +24,26 @@ CPU_NUM_KV_BLOCKS = 256
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str
-    dtype: str | torch.dtype = "auto"
-    device: str | torch.device | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
+    """Every setting of an engine, in one place: `minidu.Engine(model, **options)` takes these fields as keywords."""
+
+    model: str  # checkpoint directory, GGUF file, preset name (random weights) or Hub repo id
+    dtype: str | torch.dtype = "auto"  # "auto": the checkpoint's (float32 for bf16 models on the CPU)
+    device: str | torch.device | None = None  # None: cuda when available, else cpu (interpreted)
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # None: what fits in gpu_memory_utilization of the device
     gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 2048  # new tokens per step at most (decodes plus prefill chunks)
+    max_model_len: int | None = None  # prompt plus output tokens at most; None: the model's, capped by the KV cache
     enable_prefix_caching: bool = True
-    load_format: str = "auto"
-    seed: int = 0
-    policy: str = "aggregated"
-    tbt_slo_ms: float | None = None
-    enforce_eager: bool = False
-    backend: str = "gpu"
-    hardware: str | None = None
-    decode_sms: int | None = None
+    load_format: str = "auto"  # "dummy": random weights
+    seed: int = 0  # random weights and the seeds of requests that give none
+    policy: str = "aggregated"  # aggregated | prefill-first | static | duet
+    tbt_slo_ms: float | None = None  # the time-between-tokens objective (duet)
+    enforce_eager: bool = False  # no CUDA graphs
+    backend: str = "gpu"  # gpu: run the model; sim: the latency model on a virtual clock
+    hardware: str | None = None  # h100 | h200 | a100 | a profile JSON; None: the CUDA device's, H200 in simulation
+    decode_sms: int | None = None  # the static policy's decode SMs; None: half
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -71,6 +73,7 @@ class EngineParts:
     policy: object
     max_model_len: int
     latency_model: LatencyModel | None
+    num_sms: int  # every SM the engine's steps may use
 
 
 # HBM of the GPUs the simulated backend knows, for sizing its KV cache (a profile JSON may give memory_bytes instead).
@@ -197,8 +200,8 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
                                use_cuda_graph=not cfg.enforce_eager)
         tokenizer = Tokenizer.from_path(str(path)) if path else None
     logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
-                cfg.backend, hw.name if sim else device, dtype, num_blocks, cfg.block_size, max_model_len, cfg.policy)
-    return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len, latency)
+                cfg.backend, hw.name if sim else f"{device}{' (Triton interpreter)' if INTERPRET else ''}", dtype, num_blocks, cfg.block_size, max_model_len, cfg.policy)
+    return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len, latency, num_sms)
 
 
 def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int):

@@ -1,5 +1,8 @@
-"""What the engine hands back for a request: its tokens, text, why it finished and when each token came."""
+"""What the engine hands back: for a request, its tokens, text, why it finished and when each token came; for a step,
+those outputs with the plan that ran, its SM budgets and its predicted and measured time."""
 from dataclasses import dataclass, field
+
+from minidu.scheduler.plan import Plan
 
 
 @dataclass(slots=True)
@@ -19,3 +22,21 @@ class RequestOutput:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One `Engine.step()`: the outputs of the requests that gained tokens or finished, the plan that ran (None when
+    only rejected requests were reported) on at most `num_sms` SMs (the plan's own budgets say how they were split),
+    and the step's start and end on the engine clock and the latency model's predicted seconds (None without one)."""
+
+    outputs: list[RequestOutput]
+    plan: Plan | None
+    start: float
+    end: float
+    predicted_time: float | None
+    num_sms: int
+
+    @property
+    def elapsed(self) -> float:
+        return self.end - self.start

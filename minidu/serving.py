@@ -5,9 +5,9 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 from minidu.engine import Engine
-from minidu.outputs import RequestOutput
+from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams
-from minidu.scheduler.plan import AggregatedPlan, Plan, plan_times
+from minidu.scheduler.plan import AggregatedPlan
 from minidu.workloads import RequestSpec, prompt_token_ids
 
 
@@ -35,26 +35,17 @@ class ServingRun:
     start_time: float  # engine clock at the start of the run; spec i arrived at start_time + arrival_time
 
 
-def step_record(plan: Plan, start: float, end: float, num_sms: int) -> StepRecord:
-    """The record of an executed plan. Its sequences have since grown, so ScheduledChunk.is_decode no longer holds:
-    one-token chunks of an aggregated step count as decode (a one-token prefill chunk is rare and equally cheap)."""
+def step_record(result: StepResult, t0: float) -> StepRecord:
+    """The record of an executed step, times relative to `t0`."""
+    plan = result.plan
+    start, end = result.start - t0, result.end - t0
     if isinstance(plan, AggregatedPlan):
-        num_decode = sum(c.num_new_tokens == 1 for c in plan.chunks)
-        return StepRecord(start, end, "aggregated", plan.num_sms or num_sms, None, None, 1,
-                          plan.num_tokens - num_decode, num_decode)
+        num_decode = sum(c.is_decode for c in plan.chunks)
+        return StepRecord(start, end, "aggregated", plan.num_sms or result.num_sms, None, None, 1,
+                          plan.num_tokens - num_decode, num_decode, result.predicted_time)
     return StepRecord(start, end, "multiplexed", plan.num_sms_prefill + plan.num_sms_decode, plan.num_sms_prefill,
                       plan.num_sms_decode, plan.k, sum(c.num_new_tokens for c in plan.prefill),
-                      plan.k * len(plan.decode))
-
-
-def engine_num_sms(engine: Engine) -> int:
-    """All the SMs the engine's steps may use: the policy's or the simulated GPU's, else the device's."""
-    for part in (engine.policy, engine.executor):
-        if isinstance(getattr(part, "num_sms", None), int):
-            return part.num_sms
-    from minidu.kernels.utils import device_num_sms
-
-    return device_num_sms()
+                      plan.k * len(plan.decode), result.predicted_time)
 
 
 def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, progress: bool = False) -> ServingRun:
@@ -65,7 +56,7 @@ def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, pro
     from tqdm.auto import tqdm
 
     sim = engine.config.backend == "sim"
-    vocab, num_sms = engine.model_config.vocab_size, engine_num_sms(engine)
+    vocab = engine.model_config.vocab_size
     pending = deque(sorted(range(len(specs)), key=lambda i: specs[i].arrival_time))
     start = engine.clock()
     done: dict[str, RequestOutput] = {}
@@ -77,17 +68,13 @@ def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, pro
             if not engine.has_unfinished_requests():
                 _wait_until(engine, start + specs[pending[0]].arrival_time, sim)
                 continue
-            previous, t0 = engine.last_plan, engine.clock()
-            outputs = engine.step()
-            if engine.last_plan is not previous:
-                if engine.last_plan.num_tokens == 0 and not outputs:
+            result = engine.step()
+            if result.plan is not None:
+                if result.plan.num_tokens == 0 and not result.outputs:
                     raise RuntimeError(f"the engine scheduled nothing with {len(specs) - len(done)} requests "
                                        f"unfinished (KV cache too small for the waiting prompts?)")
-                record = step_record(engine.last_plan, t0 - start, engine.clock() - start, num_sms)
-                if engine.latency_model is not None:
-                    record.predicted = plan_times(engine.latency_model, engine.last_plan, num_sms)[2]
-                steps.append(record)
-            for out in outputs:
+                steps.append(step_record(result, start))
+            for out in result.outputs:
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)

@@ -50,7 +50,6 @@ class AggregatedPlan:
 
     chunks: list[ScheduledChunk]
     num_sms: int | None = None
-    predicted_time: float | None = None
     preempt: tuple[Sequence, ...] = ()
 
     @property
@@ -68,7 +67,6 @@ class MultiplexedPlan:
     decode: list[ScheduledChunk]
     num_sms_decode: int
     k: int = 1
-    predicted_time: float | None = None
     preempt: tuple[Sequence, ...] = ()
 
     @property

@@ -58,7 +58,7 @@ class StaticPolicy:
         t_p = chunks_time(self.model, prefill, prefill_sms)
         t_d = chunks_time(self.model, decode, self.decode_sms)
         k = max(1, min(self.max_k, round(t_p / t_d))) if prefill and decode else 1
-        return MultiplexedPlan(prefill, prefill_sms, decode, self.decode_sms, k, max(k * t_d, t_p), proposal.preempt)
+        return MultiplexedPlan(prefill, prefill_sms, decode, self.decode_sms, k, proposal.preempt)
 
 
 @dataclass(slots=True)
@@ -78,9 +78,8 @@ class DuetPolicy:
         d = choose_partition([c.start for c in decode], [(c.num_new_tokens, c.start) for c in prefill], self.tbt_slo,
                              self.model, self.num_sms, granularity=self.granularity, max_k=self.max_k, prefer_tbt=True)
         if d.mode == "aggregated":
-            return AggregatedPlan(proposal.chunks, predicted_time=d.predicted_time, preempt=proposal.preempt)
+            return AggregatedPlan(proposal.chunks, preempt=proposal.preempt)
         kept = prefill[:d.num_prefill_chunks]
         if kept:
             kept[-1] = kept[-1].truncated(d.last_chunk_tokens)
-        return MultiplexedPlan(kept, d.num_sms_prefill, decode, d.num_sms_decode, d.k, d.predicted_time,
-                               proposal.preempt)
+        return MultiplexedPlan(kept, d.num_sms_prefill, decode, d.num_sms_decode, d.k, proposal.preempt)

@@ -4,7 +4,7 @@ smoke test instead.
 
     python scripts/bench_kernels.py --budgets 8,16,32,64,96,132 --out benchmarks/results/kernels.json
 """
-from minidu._platform import INTERPRET  # noqa: I001  (must run before triton is imported)
+from minidu.kernels.platform import INTERPRET  # noqa: I001  (must run before triton is imported)
 
 import argparse
 import datetime

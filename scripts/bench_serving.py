@@ -80,7 +80,7 @@ def make_specs(args: argparse.Namespace, workload: str, rate: float):
 def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, progress: bool = False):
     """One benchmark run: (metrics dict, ServingRun)."""
     from minidu.metrics import serving_metrics
-    from minidu.serving import engine_num_sms, run_workload
+    from minidu.serving import run_workload
 
     engine = make_engine(args, policy)
     run = run_workload(engine, make_specs(args, workload, rate), seed=args.seed, progress=progress)
@@ -91,18 +91,15 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
                               step_durations=[s.end - s.start for s in run.steps],
                               step_predictions=[s.predicted for s in run.steps])
     metrics |= {"model": args.model, "backend": args.backend, "gpu": hardware_name(args, engine),
-                "num_sms": engine_num_sms(engine), "num_preemptions": engine.scheduler.num_preemptions,
+                "num_sms": engine.num_sms, "num_preemptions": engine.scheduler.num_preemptions,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "seed": args.seed}
     return metrics, run
 
 
 def hardware_name(args: argparse.Namespace, engine) -> str | None:
     """The profile the latency model used (sim, static, duet) or the device's name."""
-    from minidu.scheduler.roofline import LatencyModel
-
-    for part in (engine.policy, engine.executor):
-        if isinstance(model := getattr(part, "model", None), LatencyModel):
-            return model.hw.name
+    if engine.latency_model is not None:
+        return engine.latency_model.hw.name
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -1,6 +1,9 @@
 """Test-wide settings: hypothesis profiles (`quick` by default, `thorough` with MINIDU_HYPOTHESIS_PROFILE=thorough)."""
 import os
 
+# The interpreter runs kernels as many tiny numpy ops, where multi-threaded BLAS only adds overhead (set before numpy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import minidu  # noqa: F401  (sets TRITON_INTERPRET before any test imports triton)
 from hypothesis import HealthCheck, settings
 

@@ -64,7 +64,7 @@ def test_prefix_cache_hit_gives_same_tokens(checkpoint, alone):
     seq = engine._requests["again"].seq
     second = None
     while engine.has_unfinished_requests():
-        second = next((o for o in engine.step() if o.finished), second)
+        second = next((o for o in engine.step().outputs if o.finished), second)
     assert seq.num_cached_prompt_tokens == 8  # two full blocks of 4 reused; the last token is recomputed
     assert first.token_ids == second.token_ids == alone[0]
 
@@ -103,11 +103,11 @@ def test_abort_frees_every_block(checkpoint):
     keep = engine.add_request(PROMPTS[1], GREEDY)
     engine.step()
     engine.abort(rid)
-    outs = engine.step()
+    outs = engine.step().outputs
     aborted = next(o for o in outs if o.request_id == rid)
     assert aborted.finished and aborted.finish_reason == "abort"
     while engine.has_unfinished_requests():
-        outs = engine.step()
+        outs = engine.step().outputs
     assert all_blocks_free(engine)
     assert keep not in engine._requests
 

@@ -49,8 +49,9 @@ def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
     ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params if isinstance(params, list) else [params] * 4)]
     done = {}
     while engine.has_unfinished_requests():
-        done |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
-        ks.append(engine.last_plan.k)
+        result = engine.step()
+        done |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
+        ks.append(result.plan.k)
     assert [done[i] for i in ids] == expected
     assert max(ks) == 3, "some steps must have run 3 look-ahead decode steps"
     bm = engine.scheduler.block_manager
@@ -92,8 +93,9 @@ def test_duet_policy_splits_and_keeps_the_tokens(checkpoint, tmp_path):
     ids = [engine.add_request(p, greedy) for p in PROMPTS]
     plans, done = [], {}
     while engine.has_unfinished_requests():
-        done |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
-        plans.append(engine.last_plan)
+        result = engine.step()
+        done |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
+        plans.append(result.plan)
     assert [done[i] for i in ids] == expected
     multiplexed = [p for p in plans if isinstance(p, MultiplexedPlan)]
     assert multiplexed and max(p.k for p in multiplexed) > 1

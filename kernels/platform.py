@@ -1,22 +1,13 @@
 """Chooses how Triton runs: compiled on CUDA, through its interpreter on CPU-only machines.
 
-Triton reads TRITON_INTERPRET when it is imported, so this must run before anything imports triton.
+Triton reads TRITON_INTERPRET when it is imported, so this module must be imported before triton: every kernel module
+imports it first, and `import minidu` imports it too.
 """
 import logging
 import os
 import sys
 
-# The interpreter runs kernels as many tiny numpy ops; multi-threaded BLAS only adds overhead to them.
-if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 logger = logging.getLogger("minidu")
-if not logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(levelname)s minidu: %(message)s"))
-    logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def configure_triton() -> bool:
