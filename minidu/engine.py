@@ -1,6 +1,7 @@
 """minidu.Engine: the front door. Turns prompts into requests, asks the scheduler for a plan each step, has an executor
 run it, and turns sampled tokens back into text and RequestOutputs."""
 import dataclasses
+import math
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ class _Request:
     text: str = ""
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    error: str | None = None
 
 
 class Engine:
@@ -37,14 +39,15 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, load_format: str = "auto", seed: int = 0,
                  policy: str = "aggregated", tbt_slo_ms: float | None = None, enforce_eager: bool = False,
-                 backend: str = "gpu", hardware: str | None = None, decode_sms: int | None = None):
+                 backend: str = "gpu", hardware: str | None = None, decode_sms: int | None = None,
+                 allow_long_max_model_len: bool = False):
         self.config = EngineConfig(
             model=model, dtype=dtype, device=device, block_size=block_size, num_kv_blocks=num_kv_blocks,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, load_format=load_format, seed=seed, policy=policy,
             tbt_slo_ms=tbt_slo_ms, enforce_eager=enforce_eager, backend=backend, hardware=hardware,
-            decode_sms=decode_sms)
+            decode_sms=decode_sms, allow_long_max_model_len=allow_long_max_model_len)
         parts = build_parts(self.config)
         self.model_config, self.tokenizer = parts.model_config, parts.tokenizer
         self.scheduler, self.executor, self.policy = parts.scheduler, parts.executor, parts.policy
@@ -67,9 +70,10 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        request_id = str(uuid.uuid4().hex) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        request_id = self._check_request_id(request_id)
+        if arrival_time is not None and (not isinstance(arrival_time, (int, float)) or isinstance(arrival_time, bool)
+                                         or not math.isfinite(arrival_time)):
+            raise ValueError(f"arrival_time must be None or a finite number, got {arrival_time!r}")
         now = self.clock() if arrival_time is None else arrival_time
         try:
             token_ids = self._tokenize(prompt)
@@ -85,6 +89,15 @@ class Engine:
                        params=params, seed=seed)
         self._requests[request_id] = _Request(seq)
         self.scheduler.add(seq)
+        return request_id
+
+    def _check_request_id(self, request_id) -> str:
+        if request_id is None:
+            return uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be None or a non-empty str, got {request_id!r}")
+        if request_id in self._requests or any(o.request_id == request_id for o in self._rejected):
+            raise ValueError(f"request_id {request_id!r} is already in use by a request that has not finished")
         return request_id
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -124,7 +137,12 @@ class Engine:
         if self.scheduler.has_unfinished():
             plan = self.policy.plan(self.scheduler)
             self.last_plan = plan
-            for seq, tokens, times in self.scheduler.postprocess(plan, self.executor.execute(plan)):
+            try:
+                updates = self.scheduler.postprocess(plan, self.executor.execute(plan))
+            except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
+                self._fail_step(plan, e)
+                updates = []
+            for seq, tokens, times in updates:
                 if tokens:
                     self._on_tokens(self._requests[seq.request_id], tokens, times)
                 new_tokens[seq.request_id] = tokens
@@ -134,6 +152,15 @@ class Engine:
                 if req.seq.is_finished:
                     del self._requests[request_id]
         return outputs
+
+    def _fail_step(self, plan, error: Exception) -> None:
+        """Ends the requests of a step that raised with finish_reason "abort" and the error, freeing their blocks;
+        requests outside the step are untouched and the engine stays usable."""
+        chunks = plan.chunks if hasattr(plan, "chunks") else [*plan.prefill, *plan.decode]
+        for seq in {c.seq.request_id: c.seq for c in chunks}.values():
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._requests[seq.request_id].error = f"the step running this request failed: {type(error).__name__}: {error}"
 
     def generate(self, prompts: str | list, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -174,7 +201,7 @@ class Engine:
     def _output(self, req: _Request, new_tokens: list[int]) -> RequestOutput:
         seq = req.seq
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids, req.text,
-                             seq.is_finished, seq.finish_reason, list(new_tokens), None, seq.arrival_time,
+                             seq.is_finished, seq.finish_reason, list(new_tokens), req.error, seq.arrival_time,
                              req.first_token_time, list(req.token_times))
 
     def _on_tokens(self, req: _Request, new_tokens: list[int], times: list[float]) -> None:
