@@ -12,7 +12,7 @@ from minidu.engine_config import EngineConfig, build_parts
 from minidu.outputs import RequestOutput
 from minidu.sampling_params import SamplingParams
 from minidu.scheduler.sequence import Sequence
-from minidu.tokenizer import find_stop, stable_text
+from minidu.tokenizer import IncrementalDetokenizer, find_stop
 
 
 @dataclass(slots=True)
@@ -22,6 +22,7 @@ class _Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
+    detokenizer: IncrementalDetokenizer | None = None
 
 
 class Engine:
@@ -87,7 +88,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=now, stop_token_ids=frozenset(stop_ids),
                        params=params, seed=seed)
-        self._requests[request_id] = _Request(seq)
+        detokenizer = None if self.tokenizer is None else IncrementalDetokenizer.for_prompt(self.tokenizer, len(token_ids))
+        self._requests[request_id] = _Request(seq, detokenizer=detokenizer)
         self.scheduler.add(seq)
         return request_id
 
@@ -208,11 +210,10 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = times[0]
         req.token_times += times
-        if self.tokenizer is None:
+        if req.detokenizer is None:
             return
         old = len(req.text)
-        text = self.tokenizer.decode(req.seq.output_token_ids)
-        req.text = text if req.seq.is_finished else stable_text(text)
+        req.text = req.detokenizer.update(req.seq.token_ids, req.seq.is_finished)
         hit = find_stop(req.text, req.seq.params.stop, old)
         if hit is not None:
             req.text = req.text[:hit]

@@ -3,6 +3,7 @@ save_pretrained (in its 5.x rope_parameters layout and rewritten in the legacy 4
 first-step logits and greedy tokens, through the engine's chunked prefill, mixed batches and prefix-cache hits."""
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,19 @@ def test_rope_frequencies_and_scale_match_transformers(rope, head_dim):
     inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
     assert torch.allclose(inv_freq, hf_rope.inv_freq, rtol=1e-6, atol=0)
     assert rope_attention_factor(config.rope_scaling) == pytest.approx(hf_rope.attention_scaling, rel=1e-12)
+
+
+STORIES = Path(os.environ.get("MINIDU_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "models" / "stories260k"
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+def test_stories260k_greedy_story_matches_transformers():
+    engine = minidu.Engine(str(STORIES), num_kv_blocks=16, max_num_seqs=2)
+    out = engine.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    expected = hf_greedy(model, out.prompt_token_ids, len(out.token_ids))
+    assert out.token_ids == expected
+    # The story's text continues the prompt (its SentencePiece spaces survive the streaming decode).
+    prompt_text = engine.tokenizer.decode(out.prompt_token_ids)
+    assert prompt_text + out.text == engine.tokenizer.decode(out.prompt_token_ids + out.token_ids)
+    assert " there was" in out.text
