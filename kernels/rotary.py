@@ -1,5 +1,5 @@
 """Rotary position embedding (rotate-half, as in HF Llama/NeoX) applied in place to q and k, plus the host-side
-inverse frequencies with default, linear and Llama-3 rope scaling."""
+inverse frequencies and cos/sin scale of transformers' default, linear, dynamic, Llama-3 and YaRN rope."""
 import math
 
 import torch
@@ -17,8 +17,10 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = 
     """Inverse frequencies [head_dim // 2] float32 as Hugging Face transformers computes them (fp32, same op order).
 
     rope_scaling is the config's dict: None or rope_type "default" (no scaling), "linear" (all frequencies divided by
-    factor) or "llama3" (low frequencies divided by factor, high ones kept, a smooth blend in between). The legacy
-    key "type" is read when "rope_type" is absent.
+    factor), "dynamic" (NTK scaling, which transformers applies only past max_position_embeddings: below it, the
+    default frequencies), "llama3" (low frequencies divided by factor, high ones kept, a smooth blend in between) or
+    "yarn" (frequencies blended between interpolated and extrapolated over a correction range; see
+    rope_attention_factor for its cos/sin scale). The legacy key "type" is read when "rope_type" is absent.
     """
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
@@ -26,16 +28,64 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = 
         raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (float(rope_theta) ** exponents)
-    if rope_scaling is None:
-        return inv_freq
-    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rope_type == "default":
+    rope_type = _rope_type(rope_scaling)
+    if rope_type in ("default", "dynamic"):
         return inv_freq
     if rope_type == "linear":
         return inv_freq / _scaling_value(rope_scaling, "factor")
     if rope_type == "llama3":
         return _llama3_scaled(inv_freq, rope_scaling)
-    raise ValueError(f"rope_scaling has unsupported rope_type {rope_type!r}; supported: 'default', 'linear', 'llama3'")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, float(rope_theta), rope_scaling)
+    raise ValueError(f"rope_scaling has unsupported rope_type {rope_type!r}; "
+                     f"supported: 'default', 'linear', 'dynamic', 'llama3', 'yarn'")
+
+
+def rope_attention_factor(rope_scaling: dict | None) -> float:
+    """The factor transformers multiplies cos and sin by: 1, except for yarn (its attention_factor, else derived from
+    factor, mscale and mscale_all_dim)."""
+    if _rope_type(rope_scaling) != "yarn":
+        return 1.0
+    factor = _scaling_value(rope_scaling, "factor")
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _rope_type(rope_scaling: dict | None) -> str:
+    if rope_scaling is None:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, base: float, rope_scaling: dict) -> torch.Tensor:
+    factor = _scaling_value(rope_scaling, "factor")
+    original = _scaling_value(rope_scaling, "original_max_position_embeddings")
+    beta_fast = rope_scaling.get("beta_fast") or 32
+    beta_slow = rope_scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        # The dimension whose wavelength fits num_rotations times in the original context.
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp
+    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
 
 
 def _scaling_value(rope_scaling: dict, key: str) -> float:
@@ -66,7 +116,7 @@ def _rotary_kernel(
     k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
     positions_ptr,  # [T]
     inv_freq_ptr,  # [D // 2] float32
-    num_tokens, num_q_heads, num_kv_heads, half_dim,
+    num_tokens, num_q_heads, num_kv_heads, half_dim, cos_sin_scale,
     stride_qt, stride_qh, stride_kt, stride_kh,
     num_tiles, NUM_PROGRAMS,
     BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -89,8 +139,8 @@ def _rotary_kernel(
         positions = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
         # One cos/sin per (token, frequency), shared by every q and k head of the token.
         angles = positions[:, None] * inv_freq[None, :]
-        cos = tl.cos(angles)[:, None, :]
-        sin = tl.sin(angles)[:, None, :]
+        cos = (tl.cos(angles) * cos_sin_scale)[:, None, :]
+        sin = (tl.sin(angles) * cos_sin_scale)[:, None, :]
         rows = tokens[:, None, None]
         ptrs = tl.where(is_q, q_ptr + rows * stride_qt + q_offsets, k_ptr + rows * stride_kt + k_offsets)
         mask = token_mask[:, None, None] & head_mask
@@ -108,8 +158,9 @@ def _check_heads(name: str, t, dtype: torch.dtype | None, device: torch.device |
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
-                     num_sms: int | None = None) -> None:
-    """Rotates q [T, Hq, D] and k [T, Hk, D] in place by angle positions[t] * inv_freq (rotate-half convention).
+                     attention_factor: float = 1.0, num_sms: int | None = None) -> None:
+    """Rotates q [T, Hq, D] and k [T, Hk, D] in place by angle positions[t] * inv_freq (rotate-half convention), with
+    cos and sin multiplied by attention_factor (yarn's; 1 otherwise).
 
     q and k may be strided views (e.g. of the fused qkv output) with a contiguous last dimension; positions [T] int;
     inv_freq [D // 2] float32 from rope_inv_freq. Angles, cos/sin and the rotation are computed in fp32.
@@ -123,6 +174,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
         raise ValueError(f"k has shape {tuple(k.shape)}, expected ({num_tokens}, Hk, {head_dim})")
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=q.device, shape=(num_tokens,),
                  contiguous=True)
+    if not (isinstance(attention_factor, (int, float)) and math.isfinite(attention_factor) and attention_factor > 0):
+        raise ValueError(f"attention_factor must be a positive finite number, got {attention_factor!r}")
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=q.device, shape=(head_dim // 2,),
                  contiguous=True)
 
@@ -133,7 +186,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, q.device)
     _rotary_kernel[(grid,)](
-        q, k, positions, inv_freq, num_tokens, num_q_heads, k.shape[1], head_dim // 2,
+        q, k, positions, inv_freq, num_tokens, num_q_heads, k.shape[1], head_dim // 2, float(attention_factor),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tiles, grid,
         BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
         num_warps=min(8, max(1, block_t * token_elems // 512)),

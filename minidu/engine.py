@@ -1,6 +1,7 @@
 """minidu.Engine: the front door. Turns prompts into requests, asks the scheduler for a plan each step, has an executor
 run it, and turns sampled tokens back into text and RequestOutputs."""
 import dataclasses
+import math
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -10,9 +11,9 @@ import torch
 from minidu.engine_config import EngineConfig, build_parts
 from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams
-from minidu.scheduler.plan import plan_times
+from minidu.scheduler.plan import plan_chunks, plan_times
 from minidu.scheduler.sequence import Sequence
-from minidu.tokenizer import find_stop, stable_text
+from minidu.tokenizer import IncrementalDetokenizer, find_stop
 
 
 @dataclass(slots=True)
@@ -21,6 +22,8 @@ class _Request:
     text: str = ""
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+    detokenizer: IncrementalDetokenizer | None = None
 
 
 class Engine:
@@ -60,9 +63,10 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        request_id = str(uuid.uuid4().hex) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        request_id = self._check_request_id(request_id)
+        if arrival_time is not None and (not isinstance(arrival_time, (int, float)) or isinstance(arrival_time, bool)
+                                         or not math.isfinite(arrival_time)):
+            raise ValueError(f"arrival_time must be None or a finite number, got {arrival_time!r}")
         now = self.clock() if arrival_time is None else arrival_time
         try:
             token_ids = self._tokenize(prompt)
@@ -76,8 +80,18 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(request_id, token_ids, params.max_tokens, arrival_time=now, stop_token_ids=frozenset(stop_ids),
                        params=params, seed=seed)
-        self._requests[request_id] = _Request(seq)
+        detokenizer = None if self.tokenizer is None else IncrementalDetokenizer.for_prompt(self.tokenizer, len(token_ids))
+        self._requests[request_id] = _Request(seq, detokenizer=detokenizer)
         self.scheduler.add(seq)
+        return request_id
+
+    def _check_request_id(self, request_id) -> str:
+        if request_id is None:
+            return uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be None or a non-empty str, got {request_id!r}")
+        if request_id in self._requests or any(o.request_id == request_id for o in self._rejected):
+            raise ValueError(f"request_id {request_id!r} is already in use by a request that has not finished")
         return request_id
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -118,7 +132,12 @@ class Engine:
         plan, start = None, self.clock()
         if self.scheduler.has_unfinished():
             plan = self.scheduler.commit(self.policy.plan(self.scheduler))
-            for seq, tokens, times in self.scheduler.postprocess(plan, self.executor.execute(plan)):
+            try:
+                updates = self.scheduler.postprocess(plan, self.executor.execute(plan))
+            except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
+                self._fail_step(plan, e)
+                updates = []
+            for seq, tokens, times in updates:
                 if tokens:
                     self._on_tokens(self._requests[seq.request_id], tokens, times)
                 new_tokens[seq.request_id] = tokens
@@ -131,6 +150,14 @@ class Engine:
         if plan is not None and self.latency_model is not None:
             predicted = plan_times(self.latency_model, plan, self.num_sms)[2]
         return StepResult(outputs, plan, start, self.clock(), predicted, self.num_sms)
+
+    def _fail_step(self, plan, error: Exception) -> None:
+        """Ends the requests of a step that raised with finish_reason "abort" and the error, freeing their blocks;
+        requests outside the step are untouched and the engine stays usable."""
+        for seq in {c.seq.request_id: c.seq for c in plan_chunks(plan)}.values():
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._requests[seq.request_id].error = f"the step running this request failed: {type(error).__name__}: {error}"
 
     def generate(self, prompts: str | list, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -171,18 +198,17 @@ class Engine:
     def _output(self, req: _Request, new_tokens: list[int]) -> RequestOutput:
         seq = req.seq
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids, req.text,
-                             seq.is_finished, seq.finish_reason, list(new_tokens), None, seq.arrival_time,
+                             seq.is_finished, seq.finish_reason, list(new_tokens), req.error, seq.arrival_time,
                              req.first_token_time, list(req.token_times))
 
     def _on_tokens(self, req: _Request, new_tokens: list[int], times: list[float]) -> None:
         if req.first_token_time is None:
             req.first_token_time = times[0]
         req.token_times += times
-        if self.tokenizer is None:
+        if req.detokenizer is None:
             return
         old = len(req.text)
-        text = self.tokenizer.decode(req.seq.output_token_ids)
-        req.text = text if req.seq.is_finished else stable_text(text)
+        req.text = req.detokenizer.update(req.seq.token_ids, req.seq.is_finished)
         hit = find_stop(req.text, req.seq.params.stop, old)
         if hit is not None:
             req.text = req.text[:hit]

@@ -1,5 +1,6 @@
 """Engine settings and the assembly of an engine's parts: model, tokenizer, KV-cache size, scheduler, executor, policy."""
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,14 @@ class EngineConfig:
     backend: str = "gpu"  # gpu: run the model; sim: the latency model on a virtual clock
     hardware: str | None = None  # h100 | h200 | a100 | a profile JSON; None: the CUDA device's, H200 in simulation
     decode_sms: int | None = None  # the static policy's decode SMs; None: half
+    allow_long_max_model_len: bool = False  # max_model_len above max_position_embeddings (vLLM's override)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("num_kv_blocks", "max_model_len"):
+        for name in ("num_kv_blocks", "max_model_len", "decode_sms"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
@@ -58,10 +60,38 @@ class EngineConfig:
             raise ValueError(f"backend must be 'gpu' (run the model) or 'sim' (simulate it), got {self.backend!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        if self.tbt_slo_ms is not None and not self.tbt_slo_ms > 0:
-            raise ValueError(f"tbt_slo_ms must be > 0, got {self.tbt_slo_ms}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        for name in ("enable_prefix_caching", "enforce_eager", "allow_long_max_model_len"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.hardware is not None and not isinstance(self.hardware, str):
+            raise ValueError(f"hardware must be None or a str, got {self.hardware!r}")
+        if self.tbt_slo_ms is not None and not (_is_number(self.tbt_slo_ms) and 0 < self.tbt_slo_ms < math.inf):
+            raise ValueError(f"tbt_slo_ms must be a finite number > 0, got {self.tbt_slo_ms!r}")
+        if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_max_model_len(cfg: EngineConfig, model_config: ModelConfig) -> None:
+    """max_model_len past the model's max_position_embeddings needs allow_long_max_model_len, and is refused for
+    dynamic rope, whose frequencies transformers changes past that length."""
+    limit = model_config.max_position_embeddings
+    if cfg.max_model_len is None or cfg.max_model_len <= limit:
+        return
+    rope_type = (model_config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "dynamic":
+        raise ValueError(f"max_model_len={cfg.max_model_len} exceeds max_position_embeddings={limit}, past which "
+                         f"dynamic rope changes its frequencies; that is not supported")
+    if not cfg.allow_long_max_model_len:
+        raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings={limit}; "
+                         f"pass allow_long_max_model_len=True to run past it anyway")
+    logger.warning("max_model_len=%d exceeds max_position_embeddings=%d (allow_long_max_model_len)",
+                   cfg.max_model_len, limit)
 
 
 @dataclass(slots=True)
@@ -173,6 +203,7 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
     sim = cfg.backend == "sim"
     device = torch.device("cpu") if sim else resolve_device(cfg.device)
     path, model_config = resolve_model(cfg.model, "dummy" if sim else cfg.load_format)
+    check_max_model_len(cfg, model_config)
     dtype = resolve_dtype(cfg.dtype, model_config) if sim else engine_dtype(cfg.dtype, model_config, device)
     hw = hardware_profile(cfg, device)
     if sim:

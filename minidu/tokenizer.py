@@ -99,9 +99,36 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def stable_text(text: str) -> str:
-    """The part of a decoded text that later tokens cannot change: a trailing U+FFFD may be half of a multi-byte char."""
-    return text.rstrip("\ufffd")
+# Prompt tokens decoded before the first output token: enough context for the decoder's spacing rules (vLLM's value).
+INITIAL_DETOKENIZATION_OFFSET = 5
+
+
+@dataclass(slots=True)
+class IncrementalDetokenizer:
+    """A request's output text, decoded a few tokens at a time as vLLM does: each step decodes the window
+    ids[prefix_offset:] against ids[prefix_offset:read_offset] and keeps the difference. Starting the window inside
+    the prompt keeps a SentencePiece model's leading space on the first output token, and text is held back while it
+    ends in U+FFFD (a multi-byte character split across tokens)."""
+
+    tokenizer: "Tokenizer"
+    prefix_offset: int
+    read_offset: int
+    text: str = ""
+
+    @classmethod
+    def for_prompt(cls, tokenizer: "Tokenizer", num_prompt_tokens: int) -> "IncrementalDetokenizer":
+        return cls(tokenizer, max(num_prompt_tokens - INITIAL_DETOKENIZATION_OFFSET, 0), num_prompt_tokens)
+
+    def update(self, token_ids: list[int], finished: bool = False) -> str:
+        """Appends the text that token_ids (prompt + output so far) settle; when finished, the rest as well."""
+        if self.read_offset >= len(token_ids):
+            return self.text
+        prefix_text = self.tokenizer.decode(token_ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(token_ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and (finished or not new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        return self.text
 
 
 def find_stop(text: str, stops: list[str] | None, start: int = 0) -> int | None:

@@ -164,6 +164,14 @@ def _rope_scaling(meta: dict, arch: str, rope_freqs: np.ndarray | None, head_dim
                   rope_theta: float) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
+    # llama.cpp's YaRN knobs (attn_factor, yarn_*) have no exact Hugging Face counterpart here: refuse them.
+    known = {f"{arch}.rope.scaling.{k}" for k in ("type", "factor", "original_context_length", "finetuned")}
+    unknown = sorted(k for k in meta if k.startswith(f"{arch}.rope.scaling.") and k not in known)
+    if unknown:
+        raise ValueError(f"GGUF metadata {unknown} is not supported")
+    if meta.get(f"{arch}.attention.sliding_window"):
+        raise ValueError(f"GGUF metadata {arch}.attention.sliding_window="
+                         f"{meta[f'{arch}.attention.sliding_window']} is not supported (full attention only)")
     if kind is None and f"{arch}.rope.scale_linear" in meta:  # pre-2024 files
         kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
     if kind not in (None, "none"):

@@ -11,7 +11,7 @@ from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.embedding import embedding
 from minidu.kernels.gemm import gemm
 from minidu.kernels.rmsnorm import rms_norm
-from minidu.kernels.rotary import rope_inv_freq, rotary_embedding
+from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq, rotary_embedding
 from minidu.kernels.utils import FLOAT_DTYPES
 from minidu.models.attention import AttentionMetadata, paged_attention
 from minidu.models.config import ModelConfig
@@ -24,13 +24,16 @@ _HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 class DecoderLayer:
     input_norm: torch.Tensor  # [H]
     qkv_proj: torch.Tensor  # [(Hq + 2 * Hk) * D, H]
-    qkv_bias: torch.Tensor | None  # [(Hq + 2 * Hk) * D], Qwen2 only
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 * Hk) * D], Qwen2 or attention_bias
     q_norm: torch.Tensor | None  # [D], Qwen3 only
     k_norm: torch.Tensor | None  # [D], Qwen3 only
     o_proj: torch.Tensor  # [H, Hq * D]
+    o_bias: torch.Tensor | None  # [H], Llama/Qwen3 attention_bias
     post_attention_norm: torch.Tensor  # [H]
     gate_up_proj: torch.Tensor  # [2 * I, H]
+    gate_up_bias: torch.Tensor | None  # [2 * I], Llama mlp_bias
     down_proj: torch.Tensor  # [H, I]
+    down_bias: torch.Tensor | None  # [H], Llama mlp_bias
 
 
 class CausalLM:
@@ -51,15 +54,19 @@ class CausalLM:
                 q_norm=self._empty(c.head_dim) if c.qk_norm else None,
                 k_norm=self._empty(c.head_dim) if c.qk_norm else None,
                 o_proj=self._empty(c.hidden_size, c.num_attention_heads * c.head_dim),
+                o_bias=self._empty(c.hidden_size) if c.o_proj_bias else None,
                 post_attention_norm=self._empty(c.hidden_size),
                 gate_up_proj=self._empty(2 * c.intermediate_size, c.hidden_size),
+                gate_up_bias=self._empty(2 * c.intermediate_size) if c.mlp_bias else None,
                 down_proj=self._empty(c.hidden_size, c.intermediate_size),
+                down_bias=self._empty(c.hidden_size) if c.mlp_bias else None,
             )
             for _ in range(c.num_hidden_layers)
         ]
         self.norm = self._empty(c.hidden_size)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else self._empty(c.vocab_size, c.hidden_size)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
+        self.rope_attention_factor = rope_attention_factor(c.rope_scaling)
         self.scale = c.head_dim ** -0.5
 
     def _empty(self, *shape: int) -> torch.Tensor:
@@ -85,10 +92,16 @@ class CausalLM:
                 targets[prefix + "self_attn.q_norm.weight"] = layer.q_norm
                 targets[prefix + "self_attn.k_norm.weight"] = layer.k_norm
             targets[prefix + "self_attn.o_proj.weight"] = layer.o_proj
+            if layer.o_bias is not None:
+                targets[prefix + "self_attn.o_proj.bias"] = layer.o_bias
             targets[prefix + "post_attention_layernorm.weight"] = layer.post_attention_norm
             for proj, rows in gate_up_split.items():
                 targets[f"{prefix}mlp.{proj}.weight"] = layer.gate_up_proj[rows]
+                if layer.gate_up_bias is not None:
+                    targets[f"{prefix}mlp.{proj}.bias"] = layer.gate_up_bias[rows]
             targets[prefix + "mlp.down_proj.weight"] = layer.down_proj
+            if layer.down_bias is not None:
+                targets[prefix + "mlp.down_proj.bias"] = layer.down_bias
         targets["model.norm.weight"] = self.norm
         if not self.config.tie_word_embeddings:
             targets["lm_head.weight"] = self.lm_head
@@ -109,6 +122,9 @@ class CausalLM:
                 raise ValueError(f"weight tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(target.shape)}")
             target.copy_(tensor)
+            if not bool(torch.isfinite(target).all()):
+                # NaN/inf weights make every logit NaN, which samples as token 0 without a word.
+                raise ValueError(f"weight tensor {name!r} holds NaN or infinite values")
             loaded.add(name)
         missing = [name for name in targets if name not in loaded]
         if missing:
@@ -154,13 +170,13 @@ class CausalLM:
             # Per-head norms in place on the strided views, so q and k stay inside the fused buffer.
             rms_norm(q, layer.q_norm, c.rms_norm_eps, num_sms=num_sms, out=q)
             rms_norm(k, layer.k_norm, c.rms_norm_eps, num_sms=num_sms, out=k)
-        rotary_embedding(q, k, positions, self.inv_freq, num_sms=num_sms)
+        rotary_embedding(q, k, positions, self.inv_freq, attention_factor=self.rope_attention_factor, num_sms=num_sms)
         out = paged_attention(q, k, v, k_cache, v_cache, attn, scale=self.scale, num_sms=num_sms)
-        return gemm(out.view(num_tokens, q_size), layer.o_proj, num_sms=num_sms)
+        return gemm(out.view(num_tokens, q_size), layer.o_proj, layer.o_bias, num_sms=num_sms)
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor, num_sms: int | None) -> torch.Tensor:
-        gate_up = gemm(x, layer.gate_up_proj, num_sms=num_sms)
-        return gemm(silu_and_mul(gate_up, num_sms=num_sms), layer.down_proj, num_sms=num_sms)
+        gate_up = gemm(x, layer.gate_up_proj, layer.gate_up_bias, num_sms=num_sms)
+        return gemm(silu_and_mul(gate_up, num_sms=num_sms), layer.down_proj, layer.down_bias, num_sms=num_sms)
 
     def compute_logits(self, hidden: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
         """hidden [B, H] (already final-normed by forward) -> logits [B, V] via the lm_head GEMM."""

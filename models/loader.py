@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from minidu.models.config import ModelConfig
@@ -66,9 +66,12 @@ def safetensors_files(path: Path) -> list[Path]:
 def iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, read lazily one tensor at a time."""
     for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def load_model(model: str, *, dtype: str | torch.dtype = "auto", device: torch.device | str,

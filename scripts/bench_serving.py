@@ -83,7 +83,9 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
     from minidu.serving import run_workload
 
     engine = make_engine(args, policy)
-    run = run_workload(engine, make_specs(args, workload, rate), seed=args.seed, progress=progress)
+    specs = make_specs(args, workload, rate)
+    check_lengths(specs, engine.max_model_len)
+    run = run_workload(engine, specs, seed=args.seed, progress=progress)
     metrics = serving_metrics(run.outputs, [s.mode for s in run.steps], ttft_slo_ms=args.ttft_slo_ms,
                               tbt_slo_ms=args.tbt_slo_ms, policy=policy,
                               workload=f"trace:{Path(args.trace).name}" if args.trace else workload,
@@ -94,6 +96,16 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
                 "num_sms": engine.num_sms, "num_preemptions": engine.scheduler.num_preemptions,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "seed": args.seed}
     return metrics, run
+
+
+def check_lengths(specs, max_model_len: int) -> None:
+    """Refuses a workload whose requests would be rejected or cut short by max_model_len, instead of reporting them
+    as missing requests."""
+    too_long = [s for s in specs if s.input_len + s.output_len > max_model_len]
+    if too_long:
+        worst = max(too_long, key=lambda s: s.input_len + s.output_len)
+        raise SystemExit(f"{len(too_long)}/{len(specs)} requests need more than max_model_len={max_model_len} tokens "
+                         f"(e.g. input {worst.input_len} + output {worst.output_len}); lower --input-len/--output-len")
 
 
 def hardware_name(args: argparse.Namespace, engine) -> str | None:

@@ -79,7 +79,9 @@ def test_inv_freq_llama31_bands():
 
 
 def test_inv_freq_errors():
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="longrope"):
+        rope_inv_freq(64, 10000.0, {"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
         rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="low_freq_factor"):
         rope_inv_freq(64, 10000.0, {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,

@@ -13,7 +13,8 @@ def test_architecture_flags_and_derived_defaults(arch):
     d = tiny_config(arch, head_dim=None, num_key_value_heads=None, rms_norm_eps=None, rope_theta=None)
     config = ModelConfig.from_hf_dict(d)
     assert config.architecture == arch
-    assert config.head_dim == d["hidden_size"] // d["num_attention_heads"]
+    # As in transformers: Qwen3Config's head_dim defaults to 128, the others' to hidden_size / num_attention_heads.
+    assert config.head_dim == (128 if arch == "Qwen3ForCausalLM" else d["hidden_size"] // d["num_attention_heads"])
     assert config.num_key_value_heads == d["num_attention_heads"]
     assert (config.rms_norm_eps, config.rope_theta) == (1e-6, 10000.0)
     assert config.attention_bias == (arch == "Qwen2ForCausalLM")
@@ -43,10 +44,19 @@ def test_unsupported_architecture_lists_supported_ones():
     (dict(tie_word_embeddings="yes"), "tie_word_embeddings"),
     (dict(eos_token_id=[2, "x"]), "eos_token_id"),
     (dict(bos_token_id=[1, 2]), "bos_token_id"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 4.0}), "rope_scaling.*longrope"),
+    (dict(rope_parameters={"rope_type": "su", "rope_theta": 1e4}), "rope_parameters.*su"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}), "low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "linear"}), "factor"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": "x"}), "mscale"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor"),
+    (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quantization_config.*awq"),
     (dict(rope_scaling=[1.0]), "rope_scaling"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(attention_bias="yes"), "attention_bias"),
+    (dict(mlp_bias=1), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(architectures="LlamaForCausalLM"), "architectures"),
 ])
@@ -57,7 +67,7 @@ def test_bad_values_name_the_source_and_key(overrides, key):
 
 def test_legacy_rope_type_key_and_default_scaling():
     linear = ModelConfig.from_hf_dict(tiny_config(rope_scaling={"type": "linear", "factor": 2.0}))
-    assert linear.rope_scaling == {"type": "linear", "factor": 2.0, "rope_type": "linear"}
+    assert linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert ModelConfig.from_hf_dict(tiny_config(rope_scaling={"rope_type": "default"})).rope_scaling is None
 
 
@@ -105,3 +115,40 @@ def test_presets_build_models_of_the_published_size(name):
     billions = sum(t.numel() for _, t in model.named_weights()) / 1e9
     assert billions == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.01)
     assert config.eos_token_ids and config.torch_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("overrides, key", [
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), "use_sliding_window"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
+    (dict(layer_types=["full_attention"]), "layer_types"),
+])
+def test_sliding_window_attention_is_refused(arch, overrides, key):
+    with pytest.raises(ValueError, match=key):
+        ModelConfig.from_hf_dict(tiny_config(arch, **overrides))
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_sliding_window_that_applies_to_no_layer_is_full_attention(arch):
+    # transformers: sliding layers are those from max_window_layers on, and there are only 2 here.
+    d = tiny_config(arch, use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict(tiny_config(arch))
+
+
+def test_rope_parameters_layout_equals_legacy_layout():
+    rope = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    v5 = tiny_config(rope_theta=None, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **rope})
+    legacy = tiny_config(rope_theta=5e5, rope_scaling={"type": "llama3", **rope})
+    config = ModelConfig.from_hf_dict(v5)
+    assert config == ModelConfig.from_hf_dict(legacy)
+    assert (config.rope_theta, config.rope_scaling) == (5e5, {"rope_type": "llama3", **rope})
+
+
+def test_bias_switches_follow_the_architecture():
+    llama = ModelConfig.from_hf_dict(tiny_config(attention_bias=True, mlp_bias=True))
+    assert (llama.attention_bias, llama.o_proj_bias, llama.mlp_bias) == (True, True, True)
+    # Qwen2's config class has neither key: always q/k/v biases only. Qwen3's has attention_bias but no mlp_bias.
+    qwen2 = ModelConfig.from_hf_dict(tiny_config("Qwen2ForCausalLM", attention_bias=False, mlp_bias=True))
+    assert (qwen2.attention_bias, qwen2.o_proj_bias, qwen2.mlp_bias) == (True, False, False)
+    qwen3 = ModelConfig.from_hf_dict(tiny_config("Qwen3ForCausalLM", attention_bias=True, mlp_bias=True))
+    assert (qwen3.attention_bias, qwen3.o_proj_bias, qwen3.mlp_bias) == (True, True, False)

