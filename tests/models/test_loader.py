@@ -146,8 +146,7 @@ def test_preset_name_builds_dummy_model_and_logs_it(monkeypatch, caplog):
     preset = {**PRESETS["qwen3-0.6b"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 128}
     monkeypatch.setitem(PRESETS, "tiny-qwen3", preset)
-    minidu_logger = logging.getLogger("minidu")  # it does not propagate to the root logger caplog listens on
-    monkeypatch.setattr(minidu_logger, "handlers", [*minidu_logger.handlers, caplog.handler])
+    caplog.set_level(logging.INFO, logger="minidu")
     model, config, path = load_model("Tiny-Qwen3", dtype="float32", device="cpu")
     assert path is None and config.qk_norm and config.eos_token_ids == [151645, 151643]
     assert "dummy" in caplog.text and "Tiny-Qwen3" in caplog.text
