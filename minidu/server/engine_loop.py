@@ -131,10 +131,10 @@ class EngineLoop:
                 record.predicted = plan_times(self.engine.latency_model, self.engine.last_plan, self._num_sms)[2]
             self.metrics.on_step(record)
         for out in outputs:
+            self.metrics.on_output(out)
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted by its handler, or failed earlier: nobody listens
                 continue
-            self.metrics.on_output(out)
             if out.error:
                 stream.put(EngineError(out.error))
             else:
