@@ -2,6 +2,8 @@
 (HTTP 400) whatever the engine could not run: a prompt too long or outside the vocabulary, bad sampling values."""
 import dataclasses
 
+import numpy as np
+
 from minidu.engine import Engine
 from minidu.sampling_params import SamplingParams
 from minidu.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -63,9 +65,19 @@ def sampling_params(engine: Engine, req, num_prompt_tokens: int, default_max_tok
     elif max_tokens > room:
         raise APIError(f"max_tokens={max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds this model's "
                        f"maximum context length of {engine.max_model_len} tokens", param="max_tokens")
+    _check_float32(req)
     try:
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, max_tokens=max_tokens,
                               stop_token_ids=req.stop_token_ids, stop=req.stop, ignore_eos=req.ignore_eos,
                               seed=req.seed)
     except ValueError as e:
         raise APIError(str(e)) from e
+
+
+def _check_float32(req) -> None:
+    """The sampler holds temperature and top_p as float32: refuse values that become inf or 0 there."""
+    if not np.isfinite(np.float32(req.temperature)):
+        raise APIError(f"temperature={req.temperature} overflows the sampler's float32", param="temperature")
+    if np.float32(req.top_p) == 0:
+        raise APIError(f"top_p={req.top_p} rounds to 0 in the sampler's float32; top_p must be in (0, 1]",
+                       param="top_p")
