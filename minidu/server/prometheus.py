@@ -44,6 +44,12 @@ class ServerMetrics:
                                      buckets=ERROR_BUCKETS, **label)
         self._name = model_name
         self._preemptions_seen = 0
+        for metric in (self.running, self.waiting, self.kv_usage, self.preemptions, self.prompt_tokens,
+                       self.generation_tokens, self.ttft, self.itl, self.e2e, self.decode_sms, self.k,
+                       self.model_error):
+            metric.labels(model_name)  # export every series from the start, zero until something happens
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(model_name, reason)
 
     def on_state(self, num_running: int, num_waiting: int, kv_usage: float, num_preemptions: int) -> None:
         self.running.labels(self._name).set(num_running)
