@@ -164,16 +164,18 @@ def _sse(obj: BaseModel | dict) -> str:
 
 
 async def _next(outputs: AsyncIterator[RequestOutput], gone: asyncio.Future) -> RequestOutput:
-    """The request's next output, or ClientGone (aborting the request) if the client leaves first."""
+    """The request's next output, or ClientGone if the client leaves first. Leaving (or this task being cancelled)
+    cancels the wait inside `outputs`, whose cleanup aborts the request in the engine."""
     step = asyncio.ensure_future(anext(outputs))
-    await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if step.done():
-        return step.result()
-    step.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await step
-    await outputs.aclose()
-    raise ClientGone
+    try:
+        await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left = not step.done()
+        if left:
+            step.cancel()
+    if left:
+        raise ClientGone
+    return step.result()
 
 
 async def _disconnected(request: Request) -> None:

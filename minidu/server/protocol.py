@@ -6,6 +6,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -21,14 +27,8 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     n: Literal[1] = 1
     stream: bool = False
-    stream_options: "StreamOptions | None" = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_usage: bool = False
 
 
 class CompletionRequest(_Request):
