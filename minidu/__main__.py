@@ -1,5 +1,6 @@
 """Command line: `python -m minidu generate --model PATH_OR_PRESET --prompt "..."` continues a prompt;
-`python -m minidu chat --model smollm2-135m "What is the capital of France?"` answers with the model's chat template."""
+`python -m minidu chat --model smollm2-135m "What is the capital of France?"` answers with the model's chat template;
+`python -m minidu serve --model PATH_OR_PRESET` serves it over HTTP with the OpenAI API."""
 import argparse
 import logging
 import sys
@@ -31,7 +32,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _add_common(chat)
     chat.add_argument("message")
     chat.add_argument("--system", default=None, help="an optional system message")
+    _add_serve(sub.add_parser("serve", help="serve the model with an OpenAI-compatible HTTP API (pip install "
+                                            "-e '.[serve]')"))
     return parser.parse_args(argv)
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    """The server's options and minidu.Engine's, under vLLM's names."""
+    p.add_argument("--model", required=True, help="checkpoint directory, GGUF file, preset name or Hub repo id")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds requests in flight get to finish before they are aborted")
+    for name, kind in (("dtype", str), ("device", str), ("block-size", int), ("num-kv-blocks", int),
+                       ("gpu-memory-utilization", float), ("max-num-seqs", int), ("max-num-batched-tokens", int),
+                       ("max-model-len", int), ("load-format", str), ("seed", int), ("policy", str),
+                       ("tbt-slo-ms", float), ("backend", str), ("hardware", str), ("decode-sms", int)):
+        p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help="as minidu.Engine's "
+                       f"{name.replace('-', '_')}")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=argparse.SUPPRESS)
+    p.add_argument("--enforce-eager", action="store_true", default=argparse.SUPPRESS, help="no CUDA graphs")
+
+
+def serve(args: argparse.Namespace) -> None:
+    from minidu.engine import Engine
+    from minidu.server.app import serve as run_server
+
+    options = {k: v for k, v in vars(args).items() if k not in (
+        "command", "model", "served_model_name", "host", "port", "max_body_bytes", "shutdown_timeout")}
+    try:
+        engine = Engine(args.model, **options)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    run_server(engine, args.served_model_name or args.model, args.host, args.port, args.max_body_bytes,
+               args.shutdown_timeout)
 
 
 def _prompt(text: str):
@@ -65,6 +102,9 @@ def stream(engine, prompt, params: SamplingParams) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+        return
     from minidu.engine import Engine
 
     try:

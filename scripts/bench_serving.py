@@ -5,6 +5,7 @@ throughput, SLO attainment and goodput.
     python scripts/bench_serving.py --backend sim --model qwen3-8b --gpu h200 --policy duet --workload azure-conv \
         --rate 4 --num-requests 300 --tbt-slo-ms 50 --out r.json --timeline timeline.json
     python scripts/bench_serving.py --backend gpu --model Qwen/Qwen3-8B --policy duet --workload azure-code --rate 2
+    python scripts/bench_serving.py --backend openai --base-url http://127.0.0.1:8000 --workload azure-code --rate 2
 """
 import argparse
 import json
@@ -17,9 +18,9 @@ WORKLOADS = ("fixed", "random", "azure-code", "azure-conv", "mooncake")
 POLICIES = ("aggregated", "prefill-first", "static", "duet")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, backends: tuple[str, ...] = ("sim", "gpu")) -> None:
     """The engine and SLO options bench_serving and sweep_capacity share."""
-    p.add_argument("--backend", choices=("sim", "gpu"), default="sim")
+    p.add_argument("--backend", choices=backends, default="sim")
     p.add_argument("--model", default="qwen3-8b", help="preset name, checkpoint directory, GGUF file or Hub repo id")
     p.add_argument("--gpu", default=None, help="h100, h200, a100 or a profile JSON: the simulated GPU (sim, default "
                    "h200) or the latency model's profile for static/duet (gpu, default: from the device name)")
@@ -43,8 +44,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
+    add_engine_args(p, backends=("sim", "gpu", "openai"))
     add_workload_args(p)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="openai: the server to measure (minidu serve, "
+                   "vLLM, SGLang); the engine options are the server's own")
+    p.add_argument("--vocab-size", type=int, default=1000, help="openai: random prompt token ids are below this")
     p.add_argument("--policy", choices=POLICIES, default="duet")
     p.add_argument("--workload", choices=WORKLOADS, default="azure-conv")
     p.add_argument("--rate", type=float, default=4.0, help="requests/s (inf: all at once); ignored with --trace")
@@ -75,6 +79,20 @@ def make_specs(args: argparse.Namespace, workload: str, rate: float):
         return load_trace(args.trace, args.num_requests)
     return synthetic_workload(workload, args.num_requests, rate, burstiness=args.burstiness, seed=args.seed,
                               input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio)
+
+
+def run_openai(args: argparse.Namespace) -> dict:
+    """The benchmark as a streaming client of an OpenAI-compatible server: times on the client's clock."""
+    from minidu.metrics import serving_metrics
+    from minidu.openai_client import run_workload
+
+    run = run_workload(args.base_url, make_specs(args, args.workload, args.rate), vocab_size=args.vocab_size,
+                       seed=args.seed)
+    metrics = serving_metrics(run.outputs, [], ttft_slo_ms=args.ttft_slo_ms, tbt_slo_ms=args.tbt_slo_ms,
+                              workload=f"trace:{Path(args.trace).name}" if args.trace else args.workload,
+                              rate=None if args.trace or math.isinf(args.rate) else args.rate, policy="server")
+    return metrics | {"model": run.model, "backend": "openai", "base_url": args.base_url,
+                      "num_preemptions": run.num_preemptions, "seed": args.seed}
 
 
 def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, progress: bool = False):
@@ -131,8 +149,9 @@ def print_summary(m: dict) -> None:
     print(f"throughput {m['throughput_req_s']:.2f} req/s, {m['output_tok_s']:.0f} output tok/s; "
           f"SLO attainment {100 * m['slo_attainment']:.1f}% (TTFT <= {m['ttft_slo_ms']:g} ms, p99 TBT <= "
           f"{m['tbt_slo_ms']:g} ms), goodput {m['goodput_req_s']:.2f} req/s")
-    print(f"steps: {100 * modes['aggregated']:.1f}% aggregated, {100 * modes['multiplexed']:.1f}% multiplexed; "
-          f"{m['num_preemptions']} preemptions")
+    if m["backend"] != "openai":  # a client does not see the server's steps
+        print(f"steps: {100 * modes['aggregated']:.1f}% aggregated, {100 * modes['multiplexed']:.1f}% multiplexed; "
+              f"{m['num_preemptions']} preemptions")
     if (err := m["latency_model_error"]) is not None and m["backend"] != "sim":
         print(f"latency model error |predicted - measured| / measured over {err['num_steps']} steps: "
               f"median {100 * err['median']:.1f}%, p90 {100 * err['p90']:.1f}%")
@@ -142,9 +161,14 @@ def main() -> None:
     args = parse_args()
     from minidu.serving import timeline
 
+    if args.backend == "openai" and args.timeline:
+        sys.exit("bench_serving.py: error: --timeline needs the engine's steps, which --backend openai does not see")
     start = time.perf_counter()
     try:
-        metrics, run = run_once(args, args.policy, args.workload, args.rate, progress=not args.no_progress)
+        if args.backend == "openai":
+            metrics, run = run_openai(args), None
+        else:
+            metrics, run = run_once(args, args.policy, args.workload, args.rate, progress=not args.no_progress)
     except ValueError as e:  # bad settings, workload or trace: the message names the culprit
         sys.exit(f"bench_serving.py: error: {e}")
     metrics["bench_seconds"] = time.perf_counter() - start
