@@ -55,7 +55,8 @@ def cuda_gemm_config(n: int, k: int, itemsize: int, target: CudaTarget = SM90) -
     """CUDA tiles from (N, K, dtype) only, never M: every row of the output is then reduced over K in the same
     BLOCK_K steps by the same MMA instruction whatever the batch, so a token's logits do not depend on which other
     tokens share its step. 64-row tiles suit both decode (few rows, weight-bandwidth bound) and prefill; wide
-    outputs take 128-column tiles, narrower ones 64 so a decode step still spreads over most SMs."""
+    outputs take 128-column tiles (8 warps, so the sm_80 accumulators do not spill), narrower ones 64 so a decode
+    step still spreads over most SMs."""
     if itemsize == 4:
         # ieee fp32 runs on CUDA cores: register-light tiles.
         block_m, block_n, block_k = 32, 64, 32
@@ -63,7 +64,7 @@ def cuda_gemm_config(n: int, k: int, itemsize: int, target: CudaTarget = SM90) -
         block_m, block_n, block_k = 64, (128 if n >= 16384 else 64), 64
     # Pipelining depth only overlaps loads with math; it never changes the arithmetic, so it may follow the target.
     for stages in (4, 3, 2, 1):
-        cfg = GemmConfig(block_m, block_n, block_k, num_warps=4, num_stages=stages)
+        cfg = GemmConfig(block_m, block_n, block_k, num_warps=8 if block_n == 128 else 4, num_stages=stages)
         if gemm_shared_bytes(cfg, itemsize) <= target.shared_memory:
             return cfg
     raise ValueError(f"no GEMM tile for N={n}, K={k} fits in {target.shared_memory} bytes of shared memory")
@@ -120,8 +121,9 @@ class DecodeTiles:
     num_warps: int
 
 
+CUDA_DECODE_TILES = DecodeTiles(block_n=64, partition_size=256, num_warps=4)
 # The interpreter's small splits keep multi-split merging exercised by tiny test contexts.
-DECODE_TILES = DecodeTiles(block_n=64, partition_size=64 if INTERPRET else 256, num_warps=4)
+DECODE_TILES = DecodeTiles(block_n=64, partition_size=64, num_warps=4) if INTERPRET else CUDA_DECODE_TILES
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +135,15 @@ class PrefillTiles:
 
 
 def prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int, kv_per_tile: int = 1) -> PrefillTiles:
-    """Big tiles in the interpreter (its cost is per program and per op); on CUDA 128 query rows (64 for fp32, whose
-    128-row tiles would spill registers, and for head_dim > 128), from the head shape only."""
+    """Big tiles in the interpreter (its cost is per program and per op), GPU tiles on CUDA."""
     if INTERPRET:
         return PrefillTiles(block_m=max(1, 256 // (kv_per_tile * group_pad)), block_n=64, num_warps=4, num_stages=1)
+    return cuda_prefill_tiles(group_pad, head_dim_pad, itemsize)
+
+
+def cuda_prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int) -> PrefillTiles:
+    """128 query rows (64 for fp32, whose 128-row tiles would spill registers, and for head_dim > 128), from the head
+    shape only."""
     rows = 128 if head_dim_pad <= 128 and itemsize < 4 else 64
     block_m = max(1, rows // group_pad)
     num_warps = 8 if block_m * group_pad * head_dim_pad >= 128 * 128 else 4
