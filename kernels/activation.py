@@ -3,13 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, output_2d, row_tiles
+from minidu.kernels import tiles
+from minidu.kernels.utils import FLOAT_DTYPES, check_tensor, num_programs, output_2d, row_tiles
 
-# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
-# (tests shrink this to force many tiles).
-TILE_ELEMS = 131072 if INTERPRET else 4096
-# Widest column strip of a tile.
-TILE_COLS = 16384 if INTERPRET else 1024
 
 
 @triton.jit(do_not_specialize=["num_tokens", "col_tiles", "num_tiles", "NUM_PROGRAMS"])
@@ -55,7 +51,7 @@ def silu_and_mul(x: torch.Tensor, *, num_sms: int | None = None, out: torch.Tens
     if inter == 0:
         return out
 
-    block_t, block_i, col_tiles, num_tiles = row_tiles(num_tokens, inter, TILE_COLS, TILE_ELEMS)
+    block_t, block_i, col_tiles, num_tiles = row_tiles(num_tokens, inter, tiles.TILE_COLS, tiles.TILE_ELEMS)
     grid = num_programs(num_tiles, num_sms, x.device)
     _silu_and_mul_kernel[(grid,)](
         x, out, num_tokens, inter, x.stride(0), out.stride(0), col_tiles, num_tiles, grid,

@@ -1,13 +1,14 @@
 """Paged decode attention (flash-decoding): one query per request attends to its whole paged KV history; the keys are
-cut into fixed-size splits whose partial results a second kernel merges by log-sum-exp."""
+cut into splits of a fixed number of keys whose partial results a second kernel merges by log-sum-exp, one split
+after another, so a request's output never depends on the other requests of its batch or on its block table's width."""
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from minidu.kernels.kv_cache import check_paged_attention_inputs
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.utils import INTERPRET, check_tensor, next_power_of_2, num_programs
 
 LOG2E = math.log2(math.e)
@@ -31,13 +32,19 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     stride_bt,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
-    partition_size,  # keys per split: a runtime value, so varying block-table widths do not recompile
-    num_kv_heads, kv_tiles, num_splits, num_tiles, NUM_PROGRAMS,
+    partition_size,  # keys per split
+    num_seqs, num_kv_heads, kv_tiles, num_splits, NUM_PROGRAMS,
     GROUP: tl.constexpr, KV_PER_TILE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr,
+    SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # Only splits that hold keys of the batch's longest context get tiles: the grid is sized for the block tables'
+    # capacity (fixed under CUDA graphs), the work follows the real contexts, whatever the SM budget.
+    seqs = tl.arange(0, SEQS_PAD)
+    longest = tl.max(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0)
+    active_splits = tl.minimum(tl.maximum((longest + partition_size - 1) // partition_size, 1), num_splits)
+    num_tiles = tl.cast(num_seqs, tl.int64) * kv_tiles * active_splits
     # A tile serves KV_PER_TILE kv heads and the GROUP query heads sharing each (padded to BLOCK_H >= 16 rows for
     # tl.dot), so each K/V tile is loaded once per kv head. Its key columns are KV_PER_TILE strips of BLOCK_N keys,
     # one per kv head, and a row only scores the strip of its own kv head (a block-diagonal mask; all-true with one
@@ -53,8 +60,8 @@ def _decode_split_kernel(
     last_kv = tl.cast(num_kv_heads, tl.int64) - 1
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tile_id = tl.cast(tile, tl.int64)
-        split = tile_id % num_splits
-        head_tile = tile_id // num_splits
+        split = tile_id % active_splits
+        head_tile = tile_id // active_splits
         first_kv = (head_tile % kv_tiles) * KV_PER_TILE
         req = head_tile // kv_tiles
         seq_len = tl.load(seq_lens_ptr + req)
@@ -109,59 +116,45 @@ def _decode_merge_kernel(
     partial_out_ptr,  # [B, Hq, num_splits, D] float32
     partial_lse_ptr,  # [B, Hq, num_splits] float32
     out_ptr,  # [B, Hq, D]
+    seq_lens_ptr,  # [B]
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    num_heads, head_blocks, num_splits, num_tiles, NUM_PROGRAMS,
-    BLOCK_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    partition_size, num_heads, head_blocks, num_tiles, NUM_PROGRAMS,
+    BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # int64 indices: see the interpreter notes in kernels/utils.py.
-    splits = tl.arange(0, SPLITS_PAD).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM_PAD)
     block_heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tile_id = tl.cast(tile, tl.int64)
         req = tile_id // head_blocks
         heads = (tile_id % head_blocks) * BLOCK_HEADS + block_heads
-        lse_mask = (heads < num_heads)[:, None] & (splits < num_splits)[None, :]
-        lse = tl.load(partial_lse_ptr + req * stride_lb + heads[:, None] * stride_lh + splits[None, :], mask=lse_mask,
-                      other=float("-inf"))  # [BLOCK_HEADS, SPLITS_PAD]
-        # With seq_len 0 every split is empty: shifting by 0 instead of -inf keeps the weights 0 rather than NaN,
-        # and the output becomes zeros.
-        lse_max = tl.max(lse, 1)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-        weight = tl.exp2(lse - lse_max[:, None])
-        partial = tl.load(partial_out_ptr + req * stride_pb + heads[:, None, None] * stride_ph
-                          + splits[None, :, None] * stride_ps + dims[None, None, :],
-                          mask=lse_mask[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0)
-        total = tl.sum(weight, 1)
-        out = tl.sum(weight[:, :, None] * partial, 1) / tl.where(total > 0, total, 1.0)[:, None]
+        head_mask = heads < num_heads
+        io_mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
+        # The request's own splits, merged in order: the sum never sees the empty splits of longer requests.
+        splits = (tl.load(seq_lens_ptr + req).to(tl.int64) + partition_size - 1) // partition_size
+        lse_ptrs = partial_lse_ptr + req * stride_lb + heads * stride_lh
+        out_ptrs = partial_out_ptr + req * stride_pb + heads[:, None] * stride_ph + dims[None, :]
+        lse_max = tl.full([BLOCK_HEADS], float("-inf"), tl.float32)
+        for s in range(0, splits):
+            lse_max = tl.maximum(lse_max, tl.load(lse_ptrs + s, mask=head_mask, other=0.0))
+        total = tl.full([BLOCK_HEADS], 0.0, tl.float32)
+        acc = tl.full([BLOCK_HEADS, HEAD_DIM_PAD], 0.0, tl.float32)
+        for s in range(0, splits):
+            weight = tl.exp2(tl.load(lse_ptrs + s, mask=head_mask, other=0.0) - lse_max)
+            total += weight
+            acc += weight[:, None] * tl.load(out_ptrs + s * stride_ps, mask=io_mask, other=0.0)
+        # seq_len 0 (graph padding) has no split: zeros.
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_ptr + req * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(heads < num_heads)[:, None] & (dims < HEAD_DIM)[None, :])
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@dataclass(slots=True)
-class DecodeTiles:
-    block_n: int  # keys per inner step
-    partition_size: int  # keys per split, a multiple of block_n
-    num_splits: int
-    num_warps: int
-
-
-def decode_tiles(max_blocks: int, block_size: int) -> DecodeTiles:
-    """Split layout from the block-table capacity alone (never the SM budget), so outputs are bitwise identical for
-    every num_sms. Splits are at least `min_partition` keys and at most `max_splits` per request, which bounds the
-    float32 workspace however long the padded block tables are."""
-    if INTERPRET:
-        # Small splits keep multi-split merging exercised by tiny test contexts; one key step per such split.
-        block_n, min_partition, max_splits, num_warps = 64, 64, 4, 4
-    else:
-        block_n, min_partition, max_splits, num_warps = 64, 256, 32, 4
-    capacity = max(1, max_blocks * block_size)
-    partition = max(min_partition, triton.cdiv(triton.cdiv(capacity, max_splits), block_n) * block_n)
-    return DecodeTiles(block_n=block_n, partition_size=partition, num_splits=triton.cdiv(capacity, partition),
-                       num_warps=num_warps)
+def decode_num_splits(max_blocks: int, block_size: int) -> int:
+    """Splits of the workspace: enough for a context filling the block tables (fewer run when contexts are shorter)."""
+    return triton.cdiv(max(1, max_blocks * block_size), tile_table.DECODE_TILES.partition_size)
 
 
 def decode_workspace(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
@@ -169,7 +162,7 @@ def decode_workspace(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     """Allocates the float32 (partial_out [B, Hq, num_splits, D], partial_lse [B, Hq, num_splits]) buffers that
     decode_attention needs; pass them back as `workspace` to keep allocations static (e.g. under CUDA graphs)."""
     num_seqs, num_heads, head_dim = q.shape
-    splits = decode_tiles(block_tables.shape[1], k_cache.shape[1]).num_splits
+    splits = decode_num_splits(block_tables.shape[1], k_cache.shape[1])
     return (torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device),
             torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device))
 
@@ -197,24 +190,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    tiles = decode_tiles(block_tables.shape[1], block_size)
+    tiles = tile_table.DECODE_TILES
+    num_splits = decode_num_splits(block_tables.shape[1], block_size)
     if workspace is None:
         workspace = decode_workspace(q, k_cache, block_tables)
-    _check_workspace(workspace, q, tiles.num_splits)
+    _check_workspace(workspace, q, num_splits)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
     partial_out, partial_lse = workspace
     group = num_heads // num_kv_heads
-    # The interpreter pays per tile and per op, not per FLOP: one tile covers all kv heads of a request (its
-    # block-diagonal score mask wastes FLOPs, not ops). On CUDA one kv head per tile spreads the work over the SMs.
-    kv_per_tile = next_power_of_2(num_kv_heads) if INTERPRET else 1
+    kv_per_tile = tile_table.kv_heads_per_tile(num_kv_heads)
     head_dim_pad = max(16, next_power_of_2(head_dim))
     kv_tiles = triton.cdiv(num_kv_heads, kv_per_tile)
-    num_tiles = num_seqs * kv_tiles * tiles.num_splits
-    grid = num_programs(num_tiles, num_sms, q.device)
-    single_split = tiles.num_splits == 1
+    grid = num_programs(num_seqs * kv_tiles * num_splits, num_sms, q.device)
+    # With one split the merge would multiply by exp2(0) = 1 and divide by 1: storing directly is bitwise the same.
+    single_split = num_splits == 1
     _decode_split_kernel[(grid,)](
         q, k_cache, v_cache, partial_out, partial_lse, out, seq_lens, block_tables,
         q.stride(0), q.stride(1),
@@ -225,11 +217,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         scale * LOG2E, tiles.partition_size,
-        num_kv_heads, kv_tiles, tiles.num_splits, num_tiles, grid,
+        num_seqs, num_kv_heads, kv_tiles, num_splits, grid,
         GROUP=group, KV_PER_TILE=kv_per_tile, BLOCK_H=max(16, next_power_of_2(kv_per_tile * group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SINGLE_SPLIT=single_split,
-        num_warps=tiles.num_warps,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SEQS_PAD=next_power_of_2(num_seqs),
+        SINGLE_SPLIT=single_split, num_warps=tiles.num_warps,
     )
     if single_split:
         return out
@@ -239,13 +231,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     merge_tiles = num_seqs * head_blocks
     merge_grid = num_programs(merge_tiles, num_sms, q.device)
     _decode_merge_kernel[(merge_grid,)](
-        partial_out, partial_lse, out,
+        partial_out, partial_lse, out, seq_lens,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
         out.stride(0), out.stride(1),
-        num_heads, head_blocks, tiles.num_splits, merge_tiles, merge_grid,
-        BLOCK_HEADS=merge_heads, SPLITS_PAD=next_power_of_2(tiles.num_splits), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
+        tiles.partition_size, num_heads, head_blocks, merge_tiles, merge_grid,
+        BLOCK_HEADS=merge_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         num_warps=4,
     )
     return out

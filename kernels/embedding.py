@@ -3,13 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, num_programs, output_2d, row_tiles
+from minidu.kernels import tiles
+from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, num_programs, output_2d, row_tiles
 
-# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
-# (tests shrink this to force many tiles).
-TILE_ELEMS = 131072 if INTERPRET else 4096
-# Widest column strip of a tile.
-TILE_COLS = 16384 if INTERPRET else 1024
 
 
 @triton.jit(do_not_specialize=["num_tokens", "col_tiles", "num_tiles", "NUM_PROGRAMS"])
@@ -52,7 +48,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = 
     if hidden == 0:
         return out
 
-    block_t, block_h, col_tiles, num_tiles = row_tiles(num_tokens, hidden, TILE_COLS, TILE_ELEMS)
+    block_t, block_h, col_tiles, num_tiles = row_tiles(num_tokens, hidden, tiles.TILE_COLS, tiles.TILE_ELEMS)
     grid = num_programs(num_tiles, num_sms, weight.device)
     _embedding_kernel[(grid,)](
         ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), col_tiles, num_tiles, grid,

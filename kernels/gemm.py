@@ -1,26 +1,12 @@
 """Persistent GEMM `x @ w.T (+ bias)` in the checkpoint's [N, K] weight layout; every linear layer of the model
 (projections, MLP, lm_head) runs through it."""
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs, resolve_num_sms
-
-# Decode tiles are chosen so a 4096-wide projection still yields about one tile per SM of an H100/H200.
-_TARGET_TILES = 128
-
-
-@dataclass(frozen=True, slots=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
+from minidu.kernels import tiles
+from minidu.kernels.tiles import GemmConfig
+from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, resolve_num_sms
 
 @triton.jit(do_not_specialize=["num_pid_m", "num_pid_n", "num_k_tiles", "num_progs"])
 def _gemm_kernel(
@@ -101,81 +87,24 @@ def _gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, next_power_of_2(max(n, 1))))
-
-
 def _num_tiles(m: int, n: int, block_m: int, block_n: int) -> int:
     return triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
 
 
-# Interpreter cost model (seconds, fitted on a 2-core AMD EPYC host): every tile and every K step pays for its ops
-# in Python; every loaded weight element (wrapped rows and masked columns included) for its word-packed gather,
-# unpacking and dot in numpy, about twice as much when K needs masks (every step then builds and applies them).
-_TILE_COST, _STEP_COST, _ELEM_COST, _MASKED_ELEM_COST, _MAC_COST = 5e-4, 4e-4, 6e-9, 1.1e-8, 2e-11
-# Bigger tiles cost more per element: their numpy temporaries spill out of the caches.
-_MAX_TILE_ELEMS = 2 ** 19
-
-
-def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> float:
-    tiles = _num_tiles(m, n, block_m, block_n)
-    steps = triton.cdiv(k, block_k)
-    elem_cost = _ELEM_COST if k % block_k == 0 else _MASKED_ELEM_COST
-    return tiles * (_TILE_COST + steps * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST)))
-
-
-def _interpret_config(m: int, n: int, k: int) -> GemmConfig:
-    # The interpreter pays per program instance and per op, not per FLOP: all rows of a short batch share one tile
-    # row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the cost model above.
-    block_m = _clamp_pow2(m, 1, 64)
-    candidates = [(bn, bk) for bn in (2 ** i for i in range(4, 15)) for bk in (2 ** i for i in range(4, 11))
-                  if bn * bk <= _MAX_TILE_ELEMS and bn <= max(16, next_power_of_2(n))
-                  and bk <= max(16, next_power_of_2(k))]
-    block_n, block_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
-    return GemmConfig(block_m, block_n, block_k)
-
-
-def _decode_config(m: int, n: int, k: int) -> GemmConfig:
-    # Weight-bandwidth bound: narrow N tiles keep every SM streaming, deep K stages keep bytes in flight.
-    block_m = _clamp_pow2(m, 16, 64)
-    block_n = next((bn for bn in (128, 64) if _num_tiles(m, n, block_m, bn) >= _TARGET_TILES), 32)
-    block_k = _clamp_pow2(k, 32, 256 if block_n <= 64 else 128)
-    return GemmConfig(block_m, block_n, block_k, num_warps=4, num_stages=4)
-
-
-def _prefill_config(m: int, n: int, k: int) -> GemmConfig:
-    # Hopper wgmma sweet spot; fall back to 128x128 when 128x256 would leave SMs idle.
-    if _num_tiles(m, n, 128, 256) >= _TARGET_TILES:
-        return GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
-    return GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
-
-
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
-    """Tile configuration, a function of shape and dtype only so results never depend on the SM budget."""
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """Tile configuration from the shape, dtype and GPU only, so results never depend on the SM budget (nor, on
+    CUDA, on M: see tiles.cuda_gemm_config)."""
     if INTERPRET:
-        return _interpret_config(m, n, k)
-    if dtype == torch.float32:
-        # ieee fp32 runs on CUDA cores: register-light tiles.
-        return GemmConfig(_clamp_pow2(m, 16, 64), 64, 32, num_warps=4, num_stages=3)
-    if m <= 64:
-        return _decode_config(m, n, k)
-    if m <= 256:
-        return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
-    return _prefill_config(m, n, k)
+        return tiles.interpret_gemm_config(m, n, k)
+    major, minor = torch.cuda.get_device_capability(device)
+    return tiles.cuda_gemm_config(n, k, dtype.itemsize, tiles.cuda_target(10 * major + minor))
 
 
 def _weight_pack(w: torch.Tensor) -> int:
-    """Weight elements per 64-bit load: 8 // itemsize in the interpreter when w's rows are whole aligned words, else 1.
-
-    The interpreter gathers every loaded element separately, so loading the weight (all of it, once per batch) as
-    uint64 words and unpacking them with shifts makes its GEMMs about 1.7x faster. Compiled kernels load plain
-    elements: their vectorised loads already move whole words.
-    """
     pack = 8 // w.element_size()
-    k = w.shape[1]
-    aligned = (k % pack == 0 and w.stride(0) % pack == 0 and w.storage_offset() % pack == 0
+    aligned = (w.shape[1] % pack == 0 and w.stride(0) % pack == 0 and w.storage_offset() % pack == 0
                and w.stride(1) == 1 and w.data_ptr() % 8 == 0)
-    return pack if INTERPRET and pack > 1 and aligned else 1
+    return tiles.weight_pack(w.element_size(), aligned)
 
 
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
@@ -205,7 +134,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = gemm_config(m, n, k, x.dtype)
+    cfg = gemm_config(m, n, k, x.dtype, x.device)
     grid = num_programs(_num_tiles(m, n, cfg.block_m, cfg.block_n), num_sms, x.device)
     pack = _weight_pack(w)
     w_arg = w if pack == 1 else w.view(torch.uint64)

@@ -10,12 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs,
+from minidu.kernels import tiles
+from minidu.kernels.utils import (FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2, num_programs,
                                   resolve_num_sms)
 
-# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
-# (tests shrink this to force many tiles).
-TILE_ELEMS = 131072 if INTERPRET else 4096
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -95,7 +93,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
                  contiguous=True)
 
     block_hk, block_d = next_power_of_2(max(num_kv_heads, 1)), next_power_of_2(max(head_dim, 1))
-    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // (block_hk * block_d)))
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), tiles.TILE_ELEMS // (block_hk * block_d)))
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, k.device)
     _store_kvcache_kernel[(grid,)](

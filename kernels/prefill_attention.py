@@ -1,14 +1,14 @@
 """Paged prefill attention: causal flash attention for a variable-length batch of new tokens over each request's
 cached prefix plus the new tokens themselves, reading every key and value from the paged KV cache."""
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from minidu.kernels.kv_cache import check_paged_attention_inputs
-from minidu.kernels.utils import INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.tiles import kv_heads_per_tile, prefill_tiles
+from minidu.kernels.utils import INDEX_DTYPES, check_tensor, next_power_of_2, num_programs
 
 LOG2E = math.log2(math.e)
 
@@ -106,26 +106,6 @@ def _prefill_attention_kernel(
                      out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@dataclass(slots=True)
-class PrefillTiles:
-    block_m: int  # new tokens per tile (each brings `group_pad` query-head rows)
-    block_n: int  # keys per inner step
-    num_warps: int
-    num_stages: int
-
-
-def prefill_tiles(group_pad: int, head_dim_pad: int, dtype: torch.dtype, kv_per_tile: int = 1) -> PrefillTiles:
-    """Tile shapes: big tiles in the interpreter (its cost is per program and per op), Hopper-sized on CUDA."""
-    if INTERPRET:
-        return PrefillTiles(block_m=max(1, 256 // (kv_per_tile * group_pad)), block_n=64, num_warps=4, num_stages=1)
-    rows = 128 if head_dim_pad <= 128 else 64
-    block_m = max(1, rows // group_pad)
-    num_warps = 8 if block_m * group_pad * head_dim_pad >= 128 * 128 else 4
-    # fp32 K/V tiles are twice as large, so fewer of them fit in shared memory for pipelining.
-    return PrefillTiles(block_m=block_m, block_n=64, num_warps=num_warps,
-                        num_stages=2 if dtype == torch.float32 else 3)
-
-
 def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, num_sms) -> None:
     check_paged_attention_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
     check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=INDEX_DTYPES, device=q.device, contiguous=True,
@@ -150,10 +130,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad, head_dim_pad = next_power_of_2(group), max(16, next_power_of_2(head_dim))
-    # The interpreter pays per tile and per op, not per FLOP: one tile covers all kv heads (its block-diagonal
-    # score mask wastes FLOPs, not ops). On CUDA one kv head per tile spreads the work over the SMs.
-    kv_per_tile = next_power_of_2(num_kv_heads) if INTERPRET else 1
-    tiles = prefill_tiles(group_pad, head_dim_pad, q.dtype, kv_per_tile)
+    kv_per_tile = kv_heads_per_tile(num_kv_heads)
+    tiles = prefill_tiles(group_pad, head_dim_pad, q.element_size(), kv_per_tile)
     # The number of q-blocks per request depends on data in cu_seqlens_q; reading it would sync the host with the
     # GPU and break CUDA-graph capture. Instead every request gets slots from the shape-derived bound
     # T // BLOCK_M + B (see the kernel), and the at most B slots nobody owns exit at once.

@@ -3,11 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from minidu.kernels import tiles
 from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
 
-# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
-# (tests shrink this to force many tiles).
-TILE_ELEMS = 131072 if INTERPRET else 4096
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_tiles", "NUM_PROGRAMS"])
@@ -90,7 +88,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     num_heads = x.shape[1] if x.dim() == 3 else 1
     num_rows = x.shape[0] * num_heads
     block_h = next_power_of_2(hidden)
-    block_r = max(1, TILE_ELEMS // block_h)
+    block_r = max(1, tiles.TILE_ELEMS // block_h)
     if INTERPRET:
         # Interpreted lanes cost time even when masked; on CUDA the tile depends on H alone, which keeps every
         # row's reduction order the same whatever the batch.

@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels import activation
 from minidu.kernels.activation import silu_and_mul
+from minidu.kernels import tiles as tile_table
 
 # fp32 math then one rounding to the output dtype: a few fp32 ulps, or half an fp16 ulp plus that.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-4),
@@ -19,7 +19,7 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 @given(t=st.sampled_from([0, 1, 2, 3, 7, 13]), inter=st.sampled_from([1, 7, 48, 64, 80, 96, 130]),
        dtype=st.sampled_from([torch.float32, torch.float16]), scale=st.sampled_from([1.0, 30.0]),
        pad_x=st.sampled_from([0, 3]), pad_out=st.sampled_from([0, 5]), num_sms=st.integers(1, 40),
-       tiles=st.sampled_from([(32, 16), (activation.TILE_ELEMS, activation.TILE_COLS)]),
+       tiles=st.sampled_from([(32, 16), (tile_table.TILE_ELEMS, tile_table.TILE_COLS)]),
        seed=st.integers(0, 2**31 - 1))
 def test_matches_reference(t, inter, dtype, scale, pad_x, pad_out, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -27,8 +27,8 @@ def test_matches_reference(t, inter, dtype, scale, pad_x, pad_out, num_sms, tile
     x = (scale * torch.randn(t, 2 * inter + pad_x, generator=gen)).to(dtype)[:, : 2 * inter]
     out = torch.full((t, inter + pad_out), float("nan"), dtype=dtype)[:, :inter]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(activation, "TILE_ELEMS", tiles[0])
-        mp.setattr(activation, "TILE_COLS", tiles[1])
+        mp.setattr(tile_table, "TILE_ELEMS", tiles[0])
+        mp.setattr(tile_table, "TILE_COLS", tiles[1])
         result = silu_and_mul(x, num_sms=num_sms, out=out)
         single = silu_and_mul(x, num_sms=1)
     assert result is out

@@ -5,6 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidu.kernels.decode_attention import decode_attention, decode_workspace
+from minidu.kernels.tiles import DECODE_TILES
+from tests.conftest import DEVICE
 
 # fp32 runs tl.dot in IEEE precision; fp16/bf16 round the softmax weights to the input dtype before the PV product.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -26,7 +28,7 @@ def decode_cases(draw, max_len: int = 100):
     )
 
 
-def build_batch(case: dict, dtype: torch.dtype, device: str = "cpu") -> dict:
+def build_batch(case: dict, dtype: torch.dtype, device: torch.device) -> dict:
     """Random q and a paged cache with shuffled blocks. Every cache slot no request owns holds NaN and every unused
     block-table entry is -1, so reading either would poison the output."""
     gen = torch.Generator().manual_seed(case["seed"])
@@ -80,8 +82,8 @@ def run(batch: dict, num_sms: int, **kwargs) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=decode_cases(), num_sms=st.integers(1, 64))
-def test_matches_reference(dtype, case, num_sms):
-    batch = build_batch(case, dtype)
+def test_matches_reference(dtype, case, num_sms, device):
+    batch = build_batch(case, dtype, device)
     out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[dtype]
@@ -90,36 +92,50 @@ def test_matches_reference(dtype, case, num_sms):
 
 @settings(max_examples=4)
 @given(case=decode_cases(), num_sms=st.integers(2, 64))
-def test_bitwise_independent_of_num_sms_and_workspace(case, num_sms):
-    batch = build_batch(case, torch.float32)
+def test_bitwise_independent_of_num_sms_and_workspace(case, num_sms, device):
+    batch = build_batch(case, torch.float32, device)
     workspace = decode_workspace(batch["q"], batch["k_cache"], batch["block_tables"])
     workspace[0].fill_(float("nan"))
     workspace[1].fill_(float("nan"))
     assert torch.equal(run(batch, 1), run(batch, num_sms, workspace=workspace))
 
 
-def test_padding_rows_give_zeros():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_request_output_independent_of_batch_and_table_width(dtype, device):
+    """A request's output is bitwise the same alone (narrowest table) and beside a longer request with a wide table,
+    so graph steps (tables as wide as max_model_len) and eager steps give the same tokens."""
+    split = DECODE_TILES.partition_size
+    case = dict(seq_lens=[split + 5, 4 * split + 3], block_size=16, num_kv_heads=2, group=2, head_dim=64,
+                extra_blocks=7, seed=9)
+    batch = build_batch(case, dtype, device)
+    both = run(batch, 3)
+    width = -(-case["seq_lens"][0] // 16)
+    alone = dict(batch, q=batch["q"][:1], seq_lens=batch["seq_lens"][:1], block_tables=batch["block_tables"][:1, :width])
+    assert torch.equal(run(alone, 2)[0], both[0])
+
+
+def test_padding_rows_give_zeros(device):
     case = dict(seq_lens=[0, 40, 0], block_size=16, num_kv_heads=2, group=4, head_dim=64, extra_blocks=2, seed=5)
-    batch = build_batch(case, torch.float16)
+    batch = build_batch(case, torch.float16, device)
     out = run(batch, 5)
     assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
     assert torch.isfinite(out[1]).all()
 
 
 @pytest.mark.parametrize("head_dim", [48, 80])
-def test_single_key_copies_its_value(head_dim):
+def test_single_key_copies_its_value(head_dim, device):
     case = dict(seq_lens=[1, 1], block_size=8, num_kv_heads=2, group=3, head_dim=head_dim, extra_blocks=3, seed=2)
-    batch = build_batch(case, torch.float32)
+    batch = build_batch(case, torch.float32, device)
     out = run(batch, 3)
     for b in range(2):
         expected = batch["v_cache"][int(batch["block_tables"][b, 0]), 0].repeat_interleave(3, 0)
         assert torch.equal(out[b], expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="tl.dot on bf16 is only exact on a GPU")
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="tl.dot on bf16 is only exact on a GPU")
 @given(case=decode_cases(max_len=2000), num_sms=st.integers(1, 200))
 def test_bfloat16_on_cuda(case, num_sms):
-    batch = build_batch(case, torch.bfloat16, "cuda")
+    batch = build_batch(case, torch.bfloat16, DEVICE)
     out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[torch.bfloat16]
@@ -128,7 +144,7 @@ def test_bfloat16_on_cuda(case, num_sms):
 
 def _valid_batch() -> dict:
     case = dict(seq_lens=[3, 9], block_size=8, num_kv_heads=2, group=2, head_dim=64, extra_blocks=0, seed=3)
-    return build_batch(case, torch.float32)
+    return build_batch(case, torch.float32, DEVICE)
 
 
 BAD_INPUTS = [

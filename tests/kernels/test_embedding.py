@@ -3,15 +3,15 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels import embedding as embedding_module
 from minidu.kernels.embedding import embedding
+from minidu.kernels import tiles as tile_table
 
 
 @given(t=st.sampled_from([0, 1, 2, 5, 13, 31]), vocab=st.sampled_from([1, 7, 50, 1000]),
        hidden=st.sampled_from([1, 48, 64, 80, 96, 100]), dtype=st.sampled_from([torch.float32, torch.float16]),
        ids_dtype=st.sampled_from([torch.int32, torch.int64]), pad=st.sampled_from([0, 3]),
        num_sms=st.integers(1, 40),
-       tiles=st.sampled_from([(64, 32), (embedding_module.TILE_ELEMS, embedding_module.TILE_COLS)]),
+       tiles=st.sampled_from([(64, 32), (tile_table.TILE_ELEMS, tile_table.TILE_COLS)]),
        seed=st.integers(0, 2**31 - 1))
 def test_gathers_rows(t, vocab, hidden, dtype, ids_dtype, pad, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -19,8 +19,8 @@ def test_gathers_rows(t, vocab, hidden, dtype, ids_dtype, pad, num_sms, tiles, s
     ids = torch.randint(0, vocab, (t,), generator=gen, dtype=ids_dtype)
     out = torch.full((t, hidden), float("nan"), dtype=dtype)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(embedding_module, "TILE_ELEMS", tiles[0])
-        mp.setattr(embedding_module, "TILE_COLS", tiles[1])
+        mp.setattr(tile_table, "TILE_ELEMS", tiles[0])
+        mp.setattr(tile_table, "TILE_COLS", tiles[1])
         result = embedding(ids, weight, num_sms=num_sms, out=out)
         single = embedding(ids, weight, num_sms=1)
     assert result is out

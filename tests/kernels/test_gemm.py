@@ -13,6 +13,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minidu.kernels.gemm import gemm
+from minidu.kernels.tiles import SM80, SM90, cuda_gemm_config, gemm_shared_bytes
+from tests.conftest import DEVICE
+from tests.kernels.shapes import preset_shapes
 
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -22,20 +25,21 @@ ns = st.one_of(st.sampled_from([1, 5, 31, 97, 257, 2053]), st.integers(1, 300))
 ks = st.one_of(st.sampled_from([1, 3, 17, 64, 127, 130]), st.integers(1, 200))
 
 
-def _operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int, x_pad: int = 0):
+def _operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int, x_pad: int = 0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     x_buf = torch.randn(m, k + x_pad, generator=gen).to(dtype)
     w = torch.randn(n, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
-    return x_buf[:, :k], w, bias
+    return x_buf[:, :k].to(device), w.to(device), bias.to(device)
 
 
 def _assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    x, w, y = x.cpu(), w.cpu(), y.cpu()
     ref = x.double() @ w.double().T
     scale = x.double().abs() @ w.double().abs().T
     if bias is not None:
-        ref += bias.double()
-        scale += bias.double().abs()
+        ref += bias.cpu().double()
+        scale += bias.cpu().double().abs()
     err = (y.double() - ref).abs()
     bound = RTOL[x.dtype] * scale + 1e-30
     assert torch.all(err <= bound), f"max excess {(err - bound).max().item():.3e}"
@@ -80,12 +84,31 @@ def test_gemm_degenerate_shapes(m, n, k):
     torch.testing.assert_close(y, bias.expand(m, n), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="tl.dot on bf16 is wrong in Triton's CPU interpreter")
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="tl.dot on bf16 is wrong in Triton's CPU interpreter")
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (17, 1000, 777), (300, 6144, 4096)])
 def test_gemm_bf16_cuda(m, n, k):
-    x, w, bias = (t.cuda() for t in _operands(m, n, k, torch.bfloat16, seed=11))
+    x, w, bias = _operands(m, n, k, torch.bfloat16, seed=11)
     _assert_close(gemm(x, w, bias), x, w, bias)
     assert torch.equal(gemm(x, w, bias, num_sms=8), gemm(x, w, bias, num_sms=None))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="interpreted tiles depend on M; CUDA tiles only on (N, K)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gemm_rows_independent_of_batch_on_cuda(dtype):
+    x, w, bias = _operands(2048, 6144, 4096, dtype, seed=13)
+    full = gemm(x, w, bias)
+    for m in (1, 16, 33, 64, 300):
+        assert torch.equal(gemm(x[:m], w, bias, num_sms=17), full[:m]), f"M={m}"
+
+
+@pytest.mark.parametrize("target", [SM90, SM80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_cuda_tiles_fit_shared_memory(target, itemsize):
+    """The bug this guards: 64x64x256 tiles with 4 stages needed 256 KB, over both targets' limits."""
+    for n, k in set().union(*(p.projections() for p in preset_shapes())):
+        cfg = cuda_gemm_config(n, k, itemsize, target)
+        assert gemm_shared_bytes(cfg, itemsize) <= target.shared_memory, (n, k, cfg)
+        assert cfg.num_stages >= 2, (n, k, cfg)
 
 
 def _bad_inputs():

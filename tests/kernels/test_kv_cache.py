@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels import kv_cache
 from minidu.kernels.kv_cache import allocate_kv_cache, store_kvcache
+from minidu.kernels import tiles as tile_table
 
 
 def random_slots(t: int, num_slots: int, skip_prob: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -18,7 +18,7 @@ def random_slots(t: int, num_slots: int, skip_prob: float, gen: torch.Generator,
        d=st.sampled_from([48, 64, 80, 96, 128, 34]), block_size=st.sampled_from([1, 4, 16]),
        dtype=st.sampled_from([torch.float32, torch.float16]), slot_dtype=st.sampled_from([torch.int32, torch.int64]),
        skip_prob=st.sampled_from([0.0, 0.3, 1.0]), num_sms=st.integers(1, 40),
-       tiles=st.sampled_from([64, kv_cache.TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
+       tiles=st.sampled_from([64, tile_table.TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
 def test_stores_fused_qkv_views_into_slots(t, hk, d, block_size, dtype, slot_dtype, skip_prob, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = 2 * hk
@@ -29,7 +29,7 @@ def test_stores_fused_qkv_views_into_slots(t, hk, d, block_size, dtype, slot_dty
     slots = random_slots(t, num_blocks * block_size, skip_prob, gen, slot_dtype)
     caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype) for _ in range(4)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kv_cache, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "TILE_ELEMS", tiles)
         store_kvcache(k, v, caches[0], caches[1], slots, num_sms=num_sms)
         store_kvcache(k, v, caches[2], caches[3], slots, num_sms=1)
     stored = slots >= 0

@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels import rmsnorm
 from minidu.kernels.rmsnorm import rms_norm
+from minidu.kernels import tiles as tile_table
 
 # The kernel rounds the normalised row to the activation dtype before the weight multiply (HF order) and rounds the
 # product again, so fp16 may be off by about two fp16 ulps (2 * 2**-11 relative) from the unrounded reference.
@@ -15,7 +15,7 @@ tokens = st.sampled_from([0, 1, 2, 3, 5, 7, 13, 17])
 hiddens = st.sampled_from([48, 64, 80, 96, 128, 33])
 dtypes = st.sampled_from([torch.float32, torch.float16])
 # Small tiles force several tiles (and several rows per tile) through the persistent loop.
-tile_elems = st.sampled_from([64, 256, rmsnorm.TILE_ELEMS])
+tile_elems = st.sampled_from([64, 256, tile_table.TILE_ELEMS])
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def test_matches_reference(t, h, dtype, pad, eps, num_sms, tiles, seed):
     weight = (1 + 0.5 * torch.randn(h, generator=gen)).to(dtype)
     out = torch.full((t, h), float("nan"), dtype=dtype)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rmsnorm, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "TILE_ELEMS", tiles)
         result = rms_norm(x, weight, eps, num_sms=num_sms, out=out)
         single = rms_norm(x, weight, eps, num_sms=1)
     assert result is out and out.dtype == dtype
@@ -54,7 +54,7 @@ def test_fused_residual(t, h, dtype, pad, num_sms, tiles, seed):
     x_before, residual_before = x.clone(), residual.clone()
     summed = (x.double() + residual.double()).to(dtype)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rmsnorm, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "TILE_ELEMS", tiles)
         out, res = rms_norm(x, weight, 1e-6, residual=residual, num_sms=num_sms)
         residual_again = residual_before.clone()
         out_single, _ = rms_norm(x, weight, 1e-6, residual=residual_again, num_sms=1)
@@ -77,7 +77,7 @@ def test_per_head_view_of_fused_qkv(t, hq, hk, d, dtype, in_place, num_sms, tile
     before = qkv.clone()
     expected_q, expected_k = reference(q, weight, 1e-6), reference(k, weight, 1e-6)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rmsnorm, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "TILE_ELEMS", tiles)
         single_q = rms_norm(q, weight, 1e-6, num_sms=1)
         out_q = rms_norm(q, weight, 1e-6, num_sms=num_sms, out=q if in_place else None)
         out_k = rms_norm(k, weight, 1e-6, num_sms=num_sms, out=k if in_place else None)
