@@ -6,8 +6,6 @@ import random
 import uuid
 from dataclasses import dataclass, field
 
-import torch
-
 from minidu.engine_config import EngineConfig, build_parts
 from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams

@@ -6,7 +6,7 @@ import pytest
 
 import minidu
 from minidu.__main__ import main
-from tests.engine.test_real_models import TEMPLATE
+from tests.engine.helpers import TEMPLATE
 from tests.models.checkpoints import write_checkpoint
 
 

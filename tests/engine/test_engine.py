@@ -6,6 +6,7 @@ import torch
 
 import minidu
 from minidu import SamplingParams
+from tests.engine.helpers import make_engine
 from tests.models.checkpoints import random_weights, tiny_config, write_checkpoint
 from tests.models.reference import reference_logits
 
@@ -18,11 +19,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     write_checkpoint(path, "LlamaForCausalLM")
     return path
-
-
-def make_engine(path, **kwargs) -> minidu.Engine:
-    settings = dict(num_kv_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64) | kwargs
-    return minidu.Engine(str(path), **settings)
 
 
 def reference_greedy(prompt: list[int], n: int) -> list[int]:

@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 gguf = pytest.importorskip("gguf")
 from minidu.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 from minidu.models.gguf_loader import read_gguf_metadata  # noqa: E402
-from tests.models.test_gguf import smollm2_path  # noqa: E402
+from tests.models.gguf_files import smollm2_path  # noqa: E402
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 TEXTS = ["Hello world, the quick brown fox!", "café, naïve résumé", "emoji 🤗 and 👍🏽 here",

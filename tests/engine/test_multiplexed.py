@@ -6,7 +6,7 @@ import pytest
 import minidu
 from minidu import SamplingParams
 from minidu.scheduler.plan import MultiplexedPlan
-from tests.engine.test_engine import make_engine
+from tests.engine.helpers import make_engine
 from tests.models.checkpoints import write_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]

@@ -13,11 +13,12 @@ import minidu
 from minidu import SamplingParams
 from minidu.models import load_model
 from minidu.models.gguf_loader import read_gguf
+from tests.engine.helpers import TEMPLATE
+from tests.models.checkpoints import STORIES260K, write_checkpoint
+from tests.models.gguf_files import Q, expected_config, smollm2_path, tiny_hf_state, write_gguf
+from tests.models.paged import prefill_logits
 from tests.models.reference import reference_logits
-from tests.models.test_gguf import Q, expected_config, smollm2_path, tiny_hf_state, write_gguf
-from tests.models.test_loader import prefill_logits
 
-STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260k"
 PROMPT = [1, 17, 90, 3, 64, 5, 120, 33, 8, 41, 77]
 
 
@@ -71,25 +72,19 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, qtype):
     assert (unrelated - original).norm() / original.norm() > 1.5 * QUANT_LOGIT_ERROR[qtype]
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs ../shared/models/stories260k")
 def test_stories260k_greedy_story_matches_reference():
-    engine = minidu.Engine(str(STORIES), num_kv_blocks=16, max_num_seqs=2)
+    engine = minidu.Engine(str(STORIES260K), num_kv_blocks=16, max_num_seqs=2)
     out = engine.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
-    config = json.loads((STORIES / "config.json").read_text())
-    expected = reference_greedy(config, load_file(STORIES / "model.safetensors"), out.prompt_token_ids, 24)
+    config = json.loads((STORIES260K / "config.json").read_text())
+    expected = reference_greedy(config, load_file(STORIES260K / "model.safetensors"), out.prompt_token_ids, 24)
     assert out.prompt_token_ids[0] == 1  # the tokenizer adds <s>
     assert out.token_ids == expected[:len(out.token_ids)]
     assert out.finish_reason == "length" or out.token_ids[-1] in engine.model_config.eos_token_ids
     assert out.text.strip() and out.text.isprintable()
 
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
 def test_chat_template_renders_and_stops_at_end_of_turn(tmp_path):
-    from tests.models.checkpoints import write_checkpoint
-
     write_checkpoint(tmp_path, tokenizer=True)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": TEMPLATE}))

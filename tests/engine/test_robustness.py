@@ -10,6 +10,7 @@ import minidu
 from minidu import SamplingParams
 from minidu.engine_config import EngineConfig
 from minidu.scheduler.plan import plan_chunks
+from tests.engine import helpers as engine_helpers
 from tests.models.checkpoints import write_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -62,8 +63,8 @@ def checkpoint(tmp_path_factory):
 
 
 def make_engine(path, **kwargs) -> minidu.Engine:
-    settings = dict(num_kv_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=8) | kwargs
-    return minidu.Engine(str(path), **settings)
+    """A smaller pool and an 8-token budget: chunked prefills mix with decodes."""
+    return engine_helpers.make_engine(path, **(dict(num_kv_blocks=32, max_num_batched_tokens=8) | kwargs))
 
 
 def all_blocks_free(engine: minidu.Engine) -> bool:

@@ -1,15 +1,13 @@
 """Incremental detokenization: streamed text equals the full decode's continuation of the prompt, with multi-byte
 characters split across byte-level tokens and SentencePiece's leading space after the prompt."""
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from minidu.tokenizer import IncrementalDetokenizer, Tokenizer
+from tests.models.checkpoints import STORIES260K
 
-STORIES = Path(os.environ.get("MINIDU_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "models" / "stories260k"
 
 
 def byte_level() -> Tokenizer:
@@ -65,9 +63,9 @@ def test_sentencepiece_leading_space_after_the_prompt():
     assert tokenizer.decode(prompt) + final == tokenizer.decode(prompt + output)
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs ../shared/models/stories260k")
 def test_stories260k_tokenizer_keeps_the_leading_space():
-    tokenizer = Tokenizer.from_dir(str(STORIES))
+    tokenizer = Tokenizer.from_dir(str(STORIES260K))
     prompt = tokenizer.encode("Once upon a time")
     output = tokenizer.encode("there was a little girl", add_special_tokens=False)
     final, _ = stream(tokenizer, prompt, output)

@@ -1,12 +1,16 @@
 """Writes tiny random Hugging Face-style checkpoints (config.json, generation_config.json, safetensors weights,
 optionally a character-level tokenizer) for tests anywhere in the project:
-`write_checkpoint(tmp_path, "Qwen3ForCausalLM")`."""
+`write_checkpoint(tmp_path, "Qwen3ForCausalLM")`; and where the real stories260k checkpoint lies (`STORIES260K`,
+in ../shared beside the repository, or under $MINIDU_SHARED; tests that use it skip when it is absent)."""
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+STORIES260K = Path(os.environ.get("MINIDU_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "models" / "stories260k"
 
 # hidden 64, 2 layers, 4 query heads sharing 2 kv heads, vocab 128, fp32.
 _TINY_COMMON = {

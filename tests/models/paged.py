@@ -73,3 +73,9 @@ class PagedRunner:
         hidden = self.model.forward(ids, positions, attn, self.kv_caches,
                                     num_sms=self.num_sms)
         return self.model.compute_logits(hidden, num_sms=self.num_sms), rows
+
+
+def prefill_logits(model: CausalLM, tokens: list[int]) -> torch.Tensor:
+    """The logits of one prompt run as a single prefill chunk."""
+    logits, _ = PagedRunner(model, num_blocks=8).step([("r", tokens)], [])
+    return logits

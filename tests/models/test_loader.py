@@ -10,21 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidu.models import PRESETS, load_model
-from tests.models.checkpoints import write_checkpoint
-from tests.models.paged import PagedRunner
+from tests.models.checkpoints import STORIES260K, write_checkpoint
+from tests.models.paged import prefill_logits
 from tests.models.reference import reference_logits
 
-STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260k"
 
 
 def hf_weights(model) -> dict[str, torch.Tensor]:
     """The loaded model's weights under their checkpoint names (views into the fused tensors)."""
     return dict(model.weight_targets())
-
-
-def prefill_logits(model, tokens: list[int]) -> torch.Tensor:
-    logits, _ = PagedRunner(model, num_blocks=8).step([("r", tokens)], [])
-    return logits
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
@@ -188,16 +182,16 @@ def test_bad_model_or_load_format_is_rejected(model, load_format):
         load_model(model, load_format=load_format, device="cpu")
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs ../shared/models/stories260k")
 def test_stories260k_matches_reference():
     from tokenizers import Tokenizer
 
-    model, config, _ = load_model(str(STORIES), device="cpu")
+    model, config, _ = load_model(str(STORIES260K), device="cpu")
     assert config.tie_word_embeddings and config.num_hidden_layers == 5
-    tokens = Tokenizer.from_file(str(STORIES / "tokenizer.json")).encode("Once upon a time").ids
+    tokens = Tokenizer.from_file(str(STORIES260K / "tokenizer.json")).encode("Once upon a time").ids
     assert tokens[0] == 1
-    ref = reference_logits(json.loads((STORIES / "config.json").read_text()),
-                           load_file(STORIES / "model.safetensors"), tokens)
+    ref = reference_logits(json.loads((STORIES260K / "config.json").read_text()),
+                           load_file(STORIES260K / "model.safetensors"), tokens)
     got = prefill_logits(model, tokens).double()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert got[-1].argmax() == ref[-1].argmax()

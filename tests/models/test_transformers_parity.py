@@ -3,7 +3,6 @@ save_pretrained (in its 5.x rope_parameters layout and rewritten in the legacy 4
 first-step logits and greedy tokens, through the engine's chunked prefill, mixed batches and prefix-cache hits."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from minidu import SamplingParams  # noqa: E402
 from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq  # noqa: E402
 from minidu.models import ModelConfig, load_model  # noqa: E402
 from tests.models.paged import PagedRunner  # noqa: E402
+from tests.models.checkpoints import STORIES260K
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
@@ -147,14 +147,13 @@ def test_rope_frequencies_and_scale_match_transformers(rope, head_dim):
     assert rope_attention_factor(config.rope_scaling) == pytest.approx(hf_rope.attention_scaling, rel=1e-12)
 
 
-STORIES = Path(os.environ.get("MINIDU_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "models" / "stories260k"
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="needs ../shared/models/stories260k")
 def test_stories260k_greedy_story_matches_transformers():
-    engine = minidu.Engine(str(STORIES), num_kv_blocks=16, max_num_seqs=2)
+    engine = minidu.Engine(str(STORIES260K), num_kv_blocks=16, max_num_seqs=2)
     out = engine.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
-    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES260K, dtype=torch.float32).eval()
     expected = hf_greedy(model, out.prompt_token_ids, len(out.token_ids))
     assert out.token_ids == expected
     # The story's text continues the prompt (its SentencePiece spaces survive the streaming decode).
