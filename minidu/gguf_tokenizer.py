@@ -25,13 +25,12 @@ _END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end
 class GGUFTokenizerInfo:
     """A ready tokenizer and the generation-relevant ids of a GGUF vocabulary.
 
-    `tokenizer.encode(text)` already prepends BOS when `add_bos` (add_special_tokens=True); encode a rendered
-    chat template with add_special_tokens=False when the template writes BOS itself.
+    `tokenizer.encode(text)` already prepends BOS where the vocabulary asks for it (add_special_tokens=True); encode
+    a rendered chat template with add_special_tokens=False when the template writes BOS itself.
     """
     tokenizer: Tokenizer
     bos_token_id: int | None
     eos_token_id: int | None
-    add_bos: bool
     chat_template: str | None
     eot_token_ids: list[int] = field(default_factory=list)
 
@@ -153,6 +152,6 @@ def tokenizer_from_gguf(meta: dict) -> GGUFTokenizerInfo:
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
-    return GGUFTokenizerInfo(tokenizer=tokenizer, bos_token_id=bos, eos_token_id=eos, add_bos=add_bos,
+    return GGUFTokenizerInfo(tokenizer=tokenizer, bos_token_id=bos, eos_token_id=eos,
                              chat_template=meta.get("tokenizer.chat_template"),
                              eot_token_ids=_end_of_turn_ids(meta, tokens, types, eos))

@@ -77,10 +77,6 @@ class Tokenizer:
         writes_bos = "bos_token" in self.special_tokens and text.startswith(self.special_tokens["bos_token"])
         return self.encode(text, add_special_tokens=not writes_bos)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
 
 @functools.cache
 def _compile_template(source: str):

@@ -112,7 +112,7 @@ def test_gpt2_vocab_matches_exporting_tokenizer(tmp_path, pre):
         assert tok.decode(ids, skip_special_tokens=False) == text
     vocab = reference.get_vocab()
     assert (info.bos_token_id, info.eos_token_id) == (vocab["<|im_start|>"], vocab["<|endoftext|>"])
-    assert info.add_bos is False
+    assert tok.encode("hi").ids == reference.encode("hi").ids  # no bos prepended
     assert set(info.eot_token_ids) == {vocab["<|endoftext|>"], vocab["<|im_end|>"]}
     assert info.chat_template == fields["tokenizer.chat_template"]
 
@@ -178,7 +178,7 @@ def test_spm_vocab_follows_score_driven_merging(spm_info):
 
 def test_spm_round_trip_bos_and_special_tokens(spm_info):
     info, tokens, scores, types = spm_info
-    assert (info.bos_token_id, info.eos_token_id, info.add_bos) == (1, 2, True)
+    assert (info.bos_token_id, info.eos_token_id) == (1, 2)
     assert info.chat_template == "[INST] {{ messages[0]['content'] }} [/INST]"
     for text in TEXTS[:-1]:
         ids = info.tokenizer.encode(text).ids
@@ -205,7 +205,8 @@ def test_smollm2_tokenizer():
     info = tokenizer_from_gguf(read_gguf_metadata(smollm2_path()))
     tok = info.tokenizer
     assert tok.get_vocab_size() == 49152
-    assert (info.bos_token_id, info.eos_token_id, info.add_bos) == (1, 2, False)
+    assert (info.bos_token_id, info.eos_token_id) == (1, 2)
+    assert tok.encode("hi").ids[0] != 1  # SmolLM2's vocabulary does not ask for a bos
     assert 2 in info.eot_token_ids and "<|im_start|>" in info.chat_template
     for text in TEXTS:
         assert tok.decode(tok.encode(text).ids) == text
