@@ -3,6 +3,6 @@ from minidu.models.attention import AttentionMetadata
 from minidu.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from minidu.models.llama import CausalLM
 from minidu.models.loader import load_model
-from minidu.models.presets import PRESETS
+from minidu.models.presets import MODEL_PRESETS
 
-__all__ = ["AttentionMetadata", "CausalLM", "ModelConfig", "PRESETS", "SUPPORTED_ARCHITECTURES", "load_model"]
+__all__ = ["AttentionMetadata", "CausalLM", "ModelConfig", "MODEL_PRESETS", "SUPPORTED_ARCHITECTURES", "load_model"]

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from minidu.models.config import ModelConfig
 from minidu.models.gguf_loader import read_gguf
 from minidu.models.llama import CausalLM
-from minidu.models.presets import PRESETS
+from minidu.models.presets import MODEL_PRESETS
 
 logger = logging.getLogger("minidu")
 
@@ -118,7 +118,7 @@ def resolve_model(model: str, load_format: str = "auto") -> tuple[Path | None, M
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         return path, ModelConfig.from_hf_dict(read_gguf(path)[0], str(path))
-    preset = PRESETS.get(model.lower())
+    preset = MODEL_PRESETS.get(model.lower())
     if preset is not None:
         if load_format == "safetensors":
             raise ValueError(f"model {model!r} is a preset without weights; use load_format='dummy' or 'auto'")
@@ -147,7 +147,7 @@ def _looks_like_repo_id(model: str) -> bool:
 
 def _download(repo_id: str, load_format: str) -> Path:
     if not _looks_like_repo_id(repo_id):
-        raise ValueError(f"model {repo_id!r} is not a local directory, a preset ({', '.join(PRESETS)}) "
+        raise ValueError(f"model {repo_id!r} is not a local directory, a preset ({', '.join(MODEL_PRESETS)}) "
                          f"or a Hugging Face repo id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
 

@@ -41,7 +41,7 @@ def _llama3_rope(factor: float) -> dict:
             "original_max_position_embeddings": 8192, "rope_type": "llama3"}
 
 
-PRESETS: dict[str, dict] = {
+MODEL_PRESETS: dict[str, dict] = {
     "qwen3-0.6b": {**_QWEN3_COMMON, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "tie_word_embeddings": True},
     "qwen3-1.7b": {**_QWEN3_COMMON, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,

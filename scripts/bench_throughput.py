@@ -50,9 +50,9 @@ def bench_hf(args, prompts, outputs) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minidu.models.presets import PRESETS
+    from minidu.models.presets import MODEL_PRESETS
 
-    config = AutoConfig.for_model(**PRESETS[args.model]) if args.model in PRESETS else AutoConfig.from_pretrained(args.model)
+    config = AutoConfig.for_model(**MODEL_PRESETS[args.model]) if args.model in MODEL_PRESETS else AutoConfig.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, args.dtype)).cuda().eval()
     start = time.perf_counter()
     for prompt, n in zip(prompts, outputs):

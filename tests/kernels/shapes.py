@@ -1,7 +1,7 @@
 """Kernel shapes of the preset models, shared by the tile-table and ahead-of-time compile tests."""
 from dataclasses import dataclass
 
-from minidu.models.presets import PRESETS
+from minidu.models.presets import MODEL_PRESETS
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,4 +24,4 @@ class PresetShape:
 def preset_shapes() -> list[PresetShape]:
     return [PresetShape(name, c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
                         c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]), c["intermediate_size"],
-                        c["vocab_size"]) for name, c in PRESETS.items()]
+                        c["vocab_size"]) for name, c in MODEL_PRESETS.items()]

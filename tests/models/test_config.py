@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from minidu.models import PRESETS, SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig
+from minidu.models import MODEL_PRESETS, SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig
 from tests.models.checkpoints import tiny_config
 
 
@@ -108,9 +108,9 @@ PUBLISHED_BILLIONS = {"qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-8b": 8.19,
                       "llama-3.1-8b": 8.03, "llama-3.2-1b": 1.236, "qwen2.5-0.5b": 0.494}
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_presets_build_models_of_the_published_size(name):
-    config = ModelConfig.from_hf_dict(PRESETS[name], name)
+    config = ModelConfig.from_hf_dict(MODEL_PRESETS[name], name)
     model = CausalLM(config, torch.bfloat16, "meta")  # shapes only, no memory
     billions = sum(t.numel() for _, t in model.named_weights()) / 1e9
     assert billions == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.01)

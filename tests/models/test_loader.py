@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidu.models import PRESETS, load_model
+from minidu.models import MODEL_PRESETS, load_model
 from tests.models.checkpoints import STORIES260K, write_checkpoint
 from tests.models.paged import prefill_logits
 from tests.models.reference import reference_logits
@@ -137,9 +137,9 @@ def test_dummy_weights_are_seeded_with_unit_norms(tmp_path):
 
 
 def test_preset_name_builds_dummy_model_and_logs_it(monkeypatch, caplog):
-    preset = {**PRESETS["qwen3-0.6b"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    preset = {**MODEL_PRESETS["qwen3-0.6b"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 128}
-    monkeypatch.setitem(PRESETS, "tiny-qwen3", preset)
+    monkeypatch.setitem(MODEL_PRESETS, "tiny-qwen3", preset)
     caplog.set_level(logging.INFO, logger="minidu")
     model, config, path = load_model("Tiny-Qwen3", dtype="float32", device="cpu")
     assert path is None and config.qk_norm and config.eos_token_ids == [151645, 151643]
