@@ -164,11 +164,6 @@ def _rope_scaling(meta: dict, arch: str, rope_freqs: np.ndarray | None, head_dim
                   rope_theta: float) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
-    # llama.cpp's YaRN knobs (attn_factor, yarn_*) have no exact Hugging Face counterpart here: refuse them.
-    known = {f"{arch}.rope.scaling.{k}" for k in ("type", "factor", "original_context_length", "finetuned")}
-    unknown = sorted(k for k in meta if k.startswith(f"{arch}.rope.scaling.") and k not in known)
-    if unknown:
-        raise ValueError(f"GGUF metadata {unknown} is not supported")
     if meta.get(f"{arch}.attention.sliding_window"):
         raise ValueError(f"GGUF metadata {arch}.attention.sliding_window="
                          f"{meta[f'{arch}.attention.sliding_window']} is not supported (full attention only)")
@@ -205,11 +200,35 @@ def _torch_dtype_name(tensors) -> str:
     return "float16"
 
 
+# The `{arch}.*` metadata keys this loader reads (or checks and refuses); any other key of the architecture may change
+# the arithmetic (logit scales, soft-capping, experts, attention scales ...), so a file carrying one is refused.
+KNOWN_ARCH_KEYS = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "attention.sliding_window", "rope.dimension_count", "rope.freq_base",
+    "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+}
+
+
+def check_arch_keys(meta: dict, arch: str) -> None:
+    """Refuses, by name and value, metadata of the architecture that minidu does not implement."""
+    unknown = {k: meta[k] for k in meta if k.startswith(f"{arch}.") and k[len(arch) + 1:] not in KNOWN_ARCH_KEYS}
+    if unknown:
+        raise ValueError(f"GGUF metadata {unknown} is not supported (it may change the model's arithmetic)")
+    value_length = meta.get(f"{arch}.attention.value_length")
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if value_length is not None and value_length != key_length:
+        raise ValueError(f"GGUF metadata {arch}.attention.value_length={value_length} differs from key_length="
+                         f"{key_length}: attention with different key and value sizes is not supported")
+
+
 def gguf_hf_config(meta: dict, tensors, rope_freqs: np.ndarray | None = None) -> dict:
     """The Hugging Face config.json equivalent of a GGUF file's metadata and tensor list."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})")
+    check_arch_keys(meta, arch)
     names = {t.name: t for t in tensors}
     if "token_embd.weight" not in names:
         raise ValueError("GGUF file has no token_embd.weight tensor")

@@ -134,6 +134,22 @@ def test_linear_rope_scaling_metadata(tmp_path):
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
 
 
+@pytest.mark.parametrize("key, value, named", [
+    ("rope.scaling.attn_factor", 0.5, "attn_factor"),  # llama.cpp's YaRN knob without a Hugging Face counterpart
+    ("attention.sliding_window", 4096, "sliding_window"),
+    ("logit_scale", 0.25, "logit_scale"),
+    ("expert_count", 8, "expert_count"),
+    ("attention.value_length", 8, "value_length"),
+])
+def test_metadata_that_changes_the_arithmetic_is_refused_by_name(tmp_path, key, value, named):
+    head_dim = HIDDEN // HEADS
+    add = (lambda w: w.add_float32(f"llama.{key}", value)) if isinstance(value, float) else (
+        lambda w: w.add_uint32(f"llama.{key}", value))
+    path = write_gguf(tmp_path / "m.gguf", "llama", tiny_hf_state("llama", head_dim, True), Q.F32, head_dim, extra=[add])
+    with pytest.raises(ValueError, match=named):
+        read_gguf(path)
+
+
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "gemma.gguf", "gemma", tiny_hf_state("llama", 16, True), Q.F32, 16)
     with pytest.raises(ValueError, match="gemma"):
