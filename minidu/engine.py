@@ -124,7 +124,11 @@ class Engine:
         if self.scheduler.has_unfinished():
             plan = self.policy.plan(self.scheduler)
             self.last_plan = plan
-            for seq, tokens, times in self.scheduler.postprocess(plan, self.executor.execute(plan)):
+            start = self.clock()
+            result = self.executor.execute(plan)
+            if (observe := getattr(self.policy, "observe", None)) is not None:  # duet's online model correction
+                observe(plan, result, start, self.clock())
+            for seq, tokens, times in self.scheduler.postprocess(plan, result):
                 if tokens:
                     self._on_tokens(self._requests[seq.request_id], tokens, times)
                 new_tokens[seq.request_id] = tokens

@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass
 from minidu.engine import Engine
 from minidu.outputs import RequestOutput
 from minidu.sampling_params import SamplingParams
+from minidu.scheduler.hardware import HardwareProfile
 from minidu.scheduler.plan import AggregatedPlan, Plan, plan_times
+from minidu.scheduler.policy import measured_times
+from minidu.scheduler.roofline import LatencyModel
 from minidu.workloads import RequestSpec, prompt_token_ids
 
 
@@ -26,6 +29,9 @@ class StepRecord:
     prefill_tokens: int
     decode_tokens: int
     predicted: float | None = None  # the latency model's step time, when the engine has one
+    # (kind, SM budget, predicted s, measured s) of the parts the step's token times reveal (policy.measured_times):
+    # kind "aggregated", or "prefill" / "decode" of a multiplexed step
+    parts: list[tuple[str, int, float, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +63,14 @@ def engine_num_sms(engine: Engine) -> int:
     return device_num_sms()
 
 
+def use_ground_truth(engine: Engine, hw: HardwareProfile) -> None:
+    """Makes a simulated engine's steps take the times `hw` gives them while its policy keeps planning with its own
+    latency model: the simulator's ground truth then differs from the planner's (contention, slowdowns, overheads)."""
+    if engine.config.backend != "sim" or engine.latency_model is None:
+        raise ValueError("a ground truth applies only to the sim backend")
+    engine.executor.model = LatencyModel(engine.latency_model.shape, hw)
+
+
 def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, progress: bool = False) -> ServingRun:
     """Serves `specs` on `engine` until all finish. Prompts are random ids from `seed` and request i gets id str(i);
     every request generates exactly its output_len tokens (ignore_eos)."""
@@ -67,6 +81,7 @@ def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, pro
     sim = engine.config.backend == "sim"
     vocab, num_sms = engine.model_config.vocab_size, engine_num_sms(engine)
     pending = deque(sorted(range(len(specs)), key=lambda i: specs[i].arrival_time))
+    executed = _record_step_outputs(engine)
     start = engine.clock()
     done: dict[str, RequestOutput] = {}
     steps: list[StepRecord] = []
@@ -86,12 +101,26 @@ def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, pro
                 record = step_record(engine.last_plan, t0 - start, engine.clock() - start, num_sms)
                 if engine.latency_model is not None:
                     record.predicted = plan_times(engine.latency_model, engine.last_plan, num_sms)[2]
+                    record.parts = measured_times(engine.latency_model, engine.last_plan, executed[-1], t0,
+                                                  engine.clock(), num_sms)
                 steps.append(record)
             for out in outputs:
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)
     return ServingRun([done[str(i)] for i in range(len(specs))], steps, start)
+
+
+def _record_step_outputs(engine: Engine) -> list:
+    """Keeps the executor's raw step outputs (token times per sequence), which Engine.step does not return."""
+    executed, execute = [], engine.executor.execute
+
+    def recording_execute(plan):
+        executed.append(execute(plan))
+        return executed[-1]
+
+    engine.executor.execute = recording_execute
+    return executed
 
 
 def _add(engine: Engine, specs: list[RequestSpec], i: int, start: float, vocab: int, seed: int) -> None:

@@ -75,13 +75,15 @@ class StepOutput:
 
 def plan_times(model: "LatencyModel", plan: Plan, num_sms: int) -> tuple[float, float, float]:
     """(t_p, t_d, step time) predicted for a plan: aggregated, the mixed step's time (as both t_p and t_d);
-    multiplexed, the prefill step, one decode step, and max(k * t_d, t_p)."""
+    multiplexed, the prefill step and one decode step side by side, and the period (LatencyModel.period_time)."""
     if isinstance(plan, AggregatedPlan):
         t = chunks_time(model, plan.chunks, plan.num_sms or num_sms)
         return t, t, t
-    t_d = chunks_time(model, plan.decode, plan.num_sms_decode)
-    t_p = chunks_time(model, plan.prefill, plan.num_sms_prefill)
-    return t_p, t_d, max(plan.k * t_d, t_p)
+    t_p, t_d = model.multiplexed_times(model.work([(c.num_new_tokens, c.start) for c in plan.prefill]),
+                                      plan.num_sms_prefill,
+                                      model.work([(c.num_new_tokens, c.start) for c in plan.decode]),
+                                      plan.num_sms_decode)
+    return t_p, t_d, model.period_time(plan.k, t_d, t_p)
 
 
 def chunks_time(model: "LatencyModel", chunks: list[ScheduledChunk], num_sms: int) -> float:
