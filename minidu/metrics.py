@@ -116,5 +116,18 @@ def prediction_error(measured: Sequence[float] | None, predicted: Sequence[float
     return {"median": stats["p50"], "p90": stats["p90"], "mean": stats["mean"], "num_steps": len(errors)}
 
 
+# Step kinds of the latency-model error report: the parts StepRecord.parts names, as the literature reports them.
+STEP_KINDS = {"aggregated": "aggregated", "prefill": "multiplexed prefill", "decode": "multiplexed decode"}
+
+
+def prediction_error_by_kind(parts: Sequence[tuple[str, int, float, float]]) -> dict[str, dict | None]:
+    """prediction_error of each step kind over (kind, SM budget, predicted s, measured s) parts of a run's steps."""
+    unknown = {p[0] for p in parts} - set(STEP_KINDS)
+    if unknown:
+        raise ValueError(f"step kinds must be in {sorted(STEP_KINDS)}, got {sorted(unknown)}")
+    return {label: prediction_error([p[3] for p in parts if p[0] == kind], [p[2] for p in parts if p[0] == kind])
+            for kind, label in STEP_KINDS.items()}
+
+
 def _ms(stats: dict[str, float | None]) -> dict[str, float | None]:
     return {k: None if v is None else v * 1e3 for k, v in stats.items()}
