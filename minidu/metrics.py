@@ -51,12 +51,13 @@ def steady_state(outputs: Sequence[RequestOutput], warmup: float, drain: float) 
 def tracks_rate(outputs: Sequence[RequestOutput], window: Sequence[RequestOutput], tolerance: float = 0.1) -> bool:
     """Whether the server kept up with the offered load over `window` (a steady_state slice of `outputs`): between
     the window's first and last arrival, at least (1 - tolerance) times as many requests (of all `outputs`) completed
-    as arrived. A queue that grows without bound fails, however well its first requests were served."""
+    as arrived after the first (one per inter-arrival gap). A queue that grows without bound fails, however well its
+    first requests were served."""
     if len(window) < 2:
         raise ValueError("window needs at least 2 requests")
     start, end = window[0].arrival_time, window[-1].arrival_time
     finished = sum(completed(o) and start <= o.token_times[-1] <= end for o in outputs)
-    return finished >= (1 - tolerance) * len(window)
+    return finished >= (1 - tolerance) * (len(window) - 1)
 
 
 def mode_fraction(modes: Sequence[str], weights: Sequence[float] | None = None) -> dict[str, float]:

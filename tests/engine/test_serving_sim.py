@@ -170,6 +170,12 @@ def test_bench_serving_and_plot_timeline_scripts(monkeypatch, tmp_path, capsys):
     assert set(m["ttft_ms"]) == set(m["tbt_ms"]) == {"mean", "p50", "p90", "p99"}
     assert (m["policy"], m["workload"], m["rate"], m["num_requests"]) == ("duet", "azure-code", 20.0, 30)
     assert "SLO attainment" in capsys.readouterr().out
+    # The simulator's ground truth is the planner's model here: every step kind is predicted without error.
+    run_script(monkeypatch, "model_error", str(tl), "--out", str(tmp_path / "e.json"))
+    errors = json.loads((tmp_path / "e.json").read_text())
+    assert errors["aggregated"]["num_steps"] > 0 and errors["multiplexed decode"]["num_steps"] > 0
+    assert all(e is None or e["p90"] < 1e-9 for e in errors.values())
+    assert "multiplexed prefill" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     run_script(monkeypatch, "plot_timeline", str(tl), "--out", str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
