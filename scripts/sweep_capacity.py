@@ -50,10 +50,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the first arrivals left out")
     p.add_argument("--drain", type=float, default=0.1, help="fraction of the last arrivals left out")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment a rate must keep")
-    p.add_argument("--tolerance", type=float, default=0.1, help="bisect until the bracket is this fraction of its top")
+    p.add_argument("--tolerance", type=float, default=0.15, help="bisect until the bracket is this fraction of its top")
     p.add_argument("--jobs", type=int, default=1, help="capacity searches run in parallel")
     p.add_argument("--out", default=None, help="capacities and every probe as JSON (rewritten as searches finish)")
     p.add_argument("--table", default=None, help="write the markdown table here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: join the results of earlier sweeps (--out files) into --out and --table")
     args = p.parse_args()
     if not 0 < args.target <= 1 or not 0 < args.tolerance < 1:
         p.error("--target must be in (0, 1] and --tolerance in (0, 1)")
@@ -161,8 +163,28 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
         Path(args.table).write_text(table(results, args) + "\n")
 
 
+def merge(args: argparse.Namespace) -> None:
+    """One table from several sweeps' JSON (e.g. run in parallel, one workload each); later files win."""
+    found, settings = {}, []
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        settings.append(data["settings"])
+        for r in data["results"]:
+            found[r["workload"], r["tbt_slo_ms"], r["policy"], r["budget"]] = r
+    results = list(found.values())
+    args.workloads = [w for w in SWEEP_WORKLOADS if any(r["workload"] == w for r in results)]
+    args.tbt_slos_ms = sorted({r["tbt_slo_ms"] for r in results})
+    if args.out:
+        Path(args.out).write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    if args.table:
+        Path(args.table).write_text(table(results, args) + "\n")
+    print(table(results, args))
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge(args)
     start, results = time.perf_counter(), []
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         futures = [(p, pool.submit(find_capacity, args, p)) for p in all_probes(args)]
