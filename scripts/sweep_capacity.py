@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     add_engine_args(p)
     p.add_argument("--workloads", nargs="+", choices=SWEEP_WORKLOADS, default=list(SWEEP_WORKLOADS))
     p.add_argument("--tbt-slo-ms", nargs="+", type=float, default=[25.0, 50.0, 100.0], dest="tbt_slos_ms")
-    p.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096, 8192],
+    p.add_argument("--budgets", nargs="*", type=int, default=[256, 512, 1024, 2048, 4096, 8192],
                    help="token budgets (max_num_batched_tokens) aggregated is swept over")
     p.add_argument("--duet-budgets", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--others", nargs="*", choices=("prefill-first", "static"), default=["prefill-first", "static"],
