@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from minidu.engine_config import EngineConfig, build_parts
 from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams
-from minidu.scheduler.plan import plan_chunks, plan_times
+from minidu.scheduler.plan import measured_parts, plan_chunks, plan_times
 from minidu.scheduler.sequence import Sequence
 from minidu.tokenizer import IncrementalDetokenizer, find_stop
 
@@ -127,11 +127,16 @@ class Engine:
         executor runs it. Returns an output for each request that gained tokens or finished, with the plan."""
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
-        plan, start = None, self.clock()
+        plan, parts, start = None, [], self.clock()
         if self.scheduler.has_unfinished():
             plan = self.scheduler.commit(self.policy.plan(self.scheduler))
             try:
-                updates = self.scheduler.postprocess(plan, self.executor.execute(plan))
+                run_start = self.clock()
+                output = self.executor.execute(plan)
+                if self.latency_model is not None:
+                    parts = measured_parts(self.latency_model, plan, output, run_start, self.clock(), self.num_sms)
+                    self.policy.observe(parts)
+                updates = self.scheduler.postprocess(plan, output)
             except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
                 self._fail_step(plan, e)
                 updates = []
@@ -147,7 +152,7 @@ class Engine:
         predicted = None
         if plan is not None and self.latency_model is not None:
             predicted = plan_times(self.latency_model, plan, self.num_sms)[2]
-        return StepResult(outputs, plan, start, self.clock(), predicted, self.num_sms)
+        return StepResult(outputs, plan, start, self.clock(), predicted, self.num_sms, parts)
 
     def _fail_step(self, plan, error: Exception) -> None:
         """Ends the requests of a step that raised with finish_reason "abort" and the error, freeing their blocks;

@@ -38,6 +38,28 @@ def meets_slo(output: RequestOutput, ttft_slo: float, tbt_slo: float) -> bool:
     return not gaps or float(np.percentile(gaps, 99)) <= tbt_slo
 
 
+def steady_state(outputs: Sequence[RequestOutput], warmup: float, drain: float) -> list[RequestOutput]:
+    """The requests that arrived after the first `warmup` and before the last `drain` fractions of all arrivals (by
+    arrival order): a queue's fill-up and its emptying after the last arrival are transients, not the steady state."""
+    if not (0 <= warmup and 0 <= drain and warmup + drain < 1):
+        raise ValueError(f"warmup and drain must be >= 0 with warmup + drain < 1, got {warmup} and {drain}")
+    ordered = sorted(outputs, key=lambda o: o.arrival_time)
+    first, last = math.floor(warmup * len(ordered)), len(ordered) - math.floor(drain * len(ordered))
+    return ordered[first:last]
+
+
+def tracks_rate(outputs: Sequence[RequestOutput], window: Sequence[RequestOutput], tolerance: float = 0.1) -> bool:
+    """Whether the server kept up with the offered load over `window` (a steady_state slice of `outputs`): between
+    the window's first and last arrival, at least (1 - tolerance) times as many requests (of all `outputs`) completed
+    as arrived after the first (one per inter-arrival gap). A queue that grows without bound fails, however well its
+    first requests were served."""
+    if len(window) < 2:
+        raise ValueError("window needs at least 2 requests")
+    start, end = window[0].arrival_time, window[-1].arrival_time
+    finished = sum(completed(o) and start <= o.token_times[-1] <= end for o in outputs)
+    return finished >= (1 - tolerance) * (len(window) - 1)
+
+
 def mode_fraction(modes: Sequence[str], weights: Sequence[float] | None = None) -> dict[str, float]:
     """Share of steps (or of `weights`, e.g. their durations) run in each mode; all 0 when there are none."""
     if weights is None:
@@ -93,6 +115,19 @@ def prediction_error(measured: Sequence[float] | None, predicted: Sequence[float
         return None
     stats = summarize(errors)
     return {"median": stats["p50"], "p90": stats["p90"], "mean": stats["mean"], "num_steps": len(errors)}
+
+
+# Step kinds of the latency-model error report: the parts StepRecord.parts names, as the literature reports them.
+STEP_KINDS = {"aggregated": "aggregated", "prefill": "multiplexed prefill", "decode": "multiplexed decode"}
+
+
+def prediction_error_by_kind(parts: Sequence[tuple[str, int, float, float]]) -> dict[str, dict | None]:
+    """prediction_error of each step kind over (kind, SM budget, predicted s, measured s) parts of a run's steps."""
+    unknown = {p[0] for p in parts} - set(STEP_KINDS)
+    if unknown:
+        raise ValueError(f"step kinds must be in {sorted(STEP_KINDS)}, got {sorted(unknown)}")
+    return {label: prediction_error([p[3] for p in parts if p[0] == kind], [p[2] for p in parts if p[0] == kind])
+            for kind, label in STEP_KINDS.items()}
 
 
 def _ms(stats: dict[str, float | None]) -> dict[str, float | None]:

@@ -2,7 +2,7 @@
 those outputs with the plan that ran, its SM budgets and its predicted and measured time."""
 from dataclasses import dataclass, field
 
-from minidu.scheduler.plan import Plan
+from minidu.scheduler.plan import Plan, StepPart
 
 
 @dataclass(slots=True)
@@ -28,7 +28,8 @@ class RequestOutput:
 class StepResult:
     """One `Engine.step()`: the outputs of the requests that gained tokens or finished, the plan that ran (None when
     only rejected requests were reported) on at most `num_sms` SMs (the plan's own budgets say how they were split),
-    and the step's start and end on the engine clock and the latency model's predicted seconds (None without one)."""
+    the step's start and end on the engine clock, the latency model's predicted seconds (None without one), and the
+    predicted and measured time of each part of the step that its token times reveal (empty without a model)."""
 
     outputs: list[RequestOutput]
     plan: Plan | None
@@ -36,6 +37,7 @@ class StepResult:
     end: float
     predicted_time: float | None
     num_sms: int
+    parts: list[StepPart] = field(default_factory=list)
 
     @property
     def elapsed(self) -> float:

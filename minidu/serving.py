@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from minidu.engine import Engine
 from minidu.outputs import RequestOutput, StepResult
 from minidu.sampling_params import SamplingParams
+from minidu.scheduler.hardware import HardwareProfile
 from minidu.scheduler.plan import AggregatedPlan
+from minidu.scheduler.roofline import LatencyModel
 from minidu.workloads import RequestSpec, prompt_token_ids
 
 
@@ -26,6 +28,9 @@ class StepRecord:
     prefill_tokens: int
     decode_tokens: int
     predicted: float | None = None  # the latency model's step time, when the engine has one
+    # (kind, SM budget, predicted s, measured s) of the parts the step's token times reveal (plan.measured_parts):
+    # kind "aggregated", or "prefill" / "decode" of a multiplexed step
+    parts: list[tuple[str, int, float, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -39,13 +44,22 @@ def step_record(result: StepResult, t0: float) -> StepRecord:
     """The record of an executed step, times relative to `t0`."""
     plan = result.plan
     start, end = result.start - t0, result.end - t0
+    parts = [(p.kind, p.num_sms, p.predicted, p.measured) for p in result.parts] if result.parts else None
     if isinstance(plan, AggregatedPlan):
         num_decode = sum(c.is_decode for c in plan.chunks)
         return StepRecord(start, end, "aggregated", plan.num_sms or result.num_sms, None, None, 1,
-                          plan.num_tokens - num_decode, num_decode, result.predicted_time)
+                          plan.num_tokens - num_decode, num_decode, result.predicted_time, parts)
     return StepRecord(start, end, "multiplexed", plan.num_sms_prefill + plan.num_sms_decode, plan.num_sms_prefill,
                       plan.num_sms_decode, plan.k, sum(c.num_new_tokens for c in plan.prefill),
-                      plan.k * len(plan.decode), result.predicted_time)
+                      plan.k * len(plan.decode), result.predicted_time, parts)
+
+
+def use_ground_truth(engine: Engine, hw: HardwareProfile) -> None:
+    """Makes a simulated engine's steps take the times `hw` gives them while its policy keeps planning with its own
+    latency model: the simulator's ground truth then differs from the planner's (contention, slowdowns, overheads)."""
+    if engine.config.backend != "sim" or engine.latency_model is None:
+        raise ValueError("a ground truth applies only to the sim backend")
+    engine.executor.model = LatencyModel(engine.latency_model.shape, hw)
 
 
 def run_workload(engine: Engine, specs: list[RequestSpec], *, seed: int = 0, progress: bool = False) -> ServingRun:

@@ -28,11 +28,24 @@ class HardwareProfile:
     # Seconds per decoder layer per step that the roofline misses: launch gaps between the layer's ~10 kernels and the
     # partial last wave of each. 20 us/layer is ~2 us/kernel, typical of back-to-back launches on Hopper.
     layer_overhead: float = 20e-6
+    # Multiplexing physics (DuetServe's isolation is not free): a decode step beside a prefill step runs this fraction
+    # slower (L2 and scheduler contention, measured by the isolation benchmark), on top of the two partitions sharing
+    # mem_bandwidth; each multiplexed period pays `period_overhead` seconds (two streams' launches, their join and the
+    # one host sync).
+    corun_decode_slowdown: float = 0.0
+    period_overhead: float = 0.0
+    # GEMM tile edge used for wave quantisation: a GEMM of ceil(m/t) * ceil(n/t) tiles on S programs runs in whole
+    # waves, and a memory-bound one keeps at most that many programs loading.
+    gemm_tile: int = 128
+    # FLOP/s fraction that a GEMM with m rows reaches of the large-GEMM rate (tokens -> fraction, interpolated,
+    # held beyond the ends): mid-size GEMMs pipeline worse than the 8k-row GEMMs that calibrate flops_by_sms.
+    gemm_efficiency_by_tokens: dict[int, float] = field(default_factory=dict)
     flops_by_sms: dict[int, float] = field(default_factory=dict)
     bandwidth_by_sms: dict[int, float] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # provenance (GPU name, date, versions) from calibration
     _flops_points: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
     _bandwidth_points: tuple[tuple[int, ...], tuple[float, ...]] = field(init=False, repr=False, compare=False)
+    _gemm_points: tuple[tuple[int, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -44,6 +57,16 @@ class HardwareProfile:
         if not isinstance(self.layer_overhead, int | float) or not math.isfinite(self.layer_overhead) \
                 or self.layer_overhead < 0:
             raise ValueError(f"layer_overhead must be a finite number >= 0, got {self.layer_overhead!r}")
+        for name in ("corun_decode_slowdown", "period_overhead"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_int("gemm_tile", self.gemm_tile, 1, None)
+        for m, value in self.gemm_efficiency_by_tokens.items():
+            _check_int("gemm_efficiency_by_tokens key", m, 1, None)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(f"gemm_efficiency_by_tokens[{m}] must be in (0, 1], got {value!r}")
+        self._gemm_points = tuple(sorted(self.gemm_efficiency_by_tokens.items()))
         self._flops_points = _monotone_points("flops_by_sms", self.flops_by_sms, self.num_sms)
         self._bandwidth_points = _monotone_points("bandwidth_by_sms", self.bandwidth_by_sms, self.num_sms)
 
@@ -61,6 +84,24 @@ class HardwareProfile:
             return _interpolate(self._bandwidth_points, num_sms)
         return self.mem_bandwidth * min(1.0, num_sms / self.bandwidth_saturation_sms)
 
+    def gemm_efficiency(self, tokens: int) -> float:
+        """Fraction of compute(S) that a GEMM over `tokens` rows reaches (1 without a table)."""
+        points = self._gemm_points
+        if not points:
+            return 1.0
+        i = bisect.bisect_left(points, (tokens, 0.0))
+        if i == len(points):
+            return points[-1][1]
+        if i == 0 or points[i][0] == tokens:
+            return points[i][1]
+        (m0, e0), (m1, e1) = points[i - 1], points[i]
+        return e0 + (e1 - e0) * (tokens - m0) / (m1 - m0)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the profile was measured (scripts/calibrate_hw.py) rather than taken from a datasheet preset."""
+        return self.metadata.get("calibrated") == "true"
+
     def to_json(self) -> str:
         """The profile as a JSON object (table keys become strings, as JSON requires)."""
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.init}, indent=2)
@@ -77,7 +118,7 @@ class HardwareProfile:
         known = {f.name for f in fields(cls) if f.init}
         if unknown := sorted(set(data) - known):
             raise ValueError(f"hardware profile has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        for key in ("flops_by_sms", "bandwidth_by_sms"):
+        for key in ("flops_by_sms", "bandwidth_by_sms", "gemm_efficiency_by_tokens"):
             if key in data:
                 data[key] = _parse_table(key, data[key])
         if "metadata" in data and not isinstance(data["metadata"], dict):
@@ -95,10 +136,22 @@ COMPUTE_EFFICIENCY = 0.8
 BANDWIDTH_EFFICIENCY = 0.9
 
 
+# Uncalibrated guesses for the multiplexing physics, used until a profile measures them: decode beside prefill 10%
+# slower (the low end of the 10-30% co-run slowdowns reported for spatially shared GPUs), 150 us per period (two
+# streams' launches, an event join, one host sync), and mid-size GEMMs 20-45% below the large-GEMM rate (Vidur's
+# H100 operator profiles at 128-512 tokens).
+PRESET_CORUN_DECODE_SLOWDOWN = 0.1
+PRESET_PERIOD_OVERHEAD = 150e-6
+PRESET_GEMM_EFFICIENCY = {64: 0.5, 128: 0.55, 256: 0.65, 512: 0.8, 1024: 0.9, 2048: 0.95, 4096: 1.0}
+
+
 def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float) -> HardwareProfile:
     # HBM saturates with ~40% of the SMs (measured knees on Hopper sit between 1/3 and 1/2 of the SMs).
     return HardwareProfile(name, num_sms, datasheet_flops * COMPUTE_EFFICIENCY,
-                           datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms))
+                           datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms),
+                           corun_decode_slowdown=PRESET_CORUN_DECODE_SLOWDOWN, period_overhead=PRESET_PERIOD_OVERHEAD,
+                           gemm_efficiency_by_tokens=dict(PRESET_GEMM_EFFICIENCY),
+                           metadata={"calibrated": "false", "source": "datasheet preset with guessed efficiencies"})
 
 
 PRESETS: dict[str, tuple[int, float, float]] = {  # name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s)
@@ -131,6 +184,14 @@ def _check_int(name: str, value, low: int, high: int | None) -> None:
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def with_physics(hw: HardwareProfile, **overrides) -> HardwareProfile:
+    """A copy of `hw` with some fields replaced (e.g. a simulator's ground truth that differs from the planner's)."""
+    data = {f.name: getattr(hw, f.name) for f in fields(hw) if f.init}
+    if unknown := sorted(set(overrides) - set(data)):
+        raise ValueError(f"unknown hardware profile fields {unknown}")
+    return HardwareProfile(**(data | overrides))
 
 
 def _parse_table(name: str, table) -> dict[int, float]:

@@ -95,13 +95,46 @@ class StepOutput:
 
 def plan_times(model: "LatencyModel", plan: Plan, num_sms: int) -> tuple[float, float, float]:
     """(t_p, t_d, step time) predicted for a plan: aggregated, the mixed step's time (as both t_p and t_d);
-    multiplexed, the prefill step, one decode step, and max(k * t_d, t_p)."""
+    multiplexed, the prefill step and one decode step side by side, and the period (LatencyModel.period_time)."""
     if isinstance(plan, AggregatedPlan):
         t = chunks_time(model, plan.chunks, plan.num_sms or num_sms)
         return t, t, t
-    t_d = chunks_time(model, plan.decode, plan.num_sms_decode)
-    t_p = chunks_time(model, plan.prefill, plan.num_sms_prefill)
-    return t_p, t_d, max(plan.k * t_d, t_p)
+    t_p, t_d = model.multiplexed_times(model.work([(c.num_new_tokens, c.start) for c in plan.prefill]),
+                                      plan.num_sms_prefill,
+                                      model.work([(c.num_new_tokens, c.start) for c in plan.decode]),
+                                      plan.num_sms_decode)
+    return t_p, t_d, model.period_time(plan.k, t_d, t_p)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPart:
+    """One part of an executed step, as the latency model sees it: its kind ("aggregated", or a multiplexed step's
+    "prefill" or "decode"), its SM budget, and its predicted and measured seconds."""
+
+    kind: str
+    num_sms: int
+    predicted: float
+    measured: float
+
+
+def measured_parts(model: "LatencyModel", plan: Plan, output: StepOutput, start: float, end: float,
+                   num_sms: int) -> list[StepPart]:
+    """The parts of an executed plan whose times its token times reveal: an aggregated step is its span; a decode
+    step is the span of its first request's k tokens over k; the prefill step is the time of its first sampled token,
+    else the whole period when the prefill was predicted to be the period's critical path (the rest of the time the
+    decode steps hide it)."""
+    t_p, t_d, period = plan_times(model, plan, num_sms)
+    if isinstance(plan, AggregatedPlan):
+        return [StepPart("aggregated", plan.num_sms or num_sms, t_p, end - start)]
+    found = []
+    if plan.decode and (times := output.times.get(plan.decode[0].seq.seq_id)):
+        found.append(StepPart("decode", plan.num_sms_decode, t_d, (times[-1] - start) / len(times)))
+    sampled = [output.times[c.seq.seq_id][0] for c in plan.prefill if c.seq.seq_id in output.times]
+    if sampled:
+        found.append(StepPart("prefill", plan.num_sms_prefill, t_p, min(sampled) - start))
+    elif plan.prefill and t_p > plan.k * t_d:
+        found.append(StepPart("prefill", plan.num_sms_prefill, period, end - start))
+    return found
 
 
 def chunks_time(model: "LatencyModel", chunks: list[ScheduledChunk], num_sms: int) -> float:

@@ -1,6 +1,7 @@
 """Attention-aware roofline latency model: predicts how long one forward step over a batch of (new, cached) token counts
 takes on a given SM budget, from operator FLOP and byte counts and the hardware profile."""
 import bisect
+import math
 from itertools import accumulate
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,9 +36,10 @@ class ModelShape:
 
 @dataclass(frozen=True, slots=True)
 class StepWork:
-    """The (FLOPs, bytes) of every operator of one step, sorted by arithmetic intensity.
+    """The (FLOPs, bytes) of every operator of one step: the GEMMs apart (their time depends on the budget through
+    wave quantisation and on their row count through efficiency), the rest sorted by arithmetic intensity.
 
-    Each operator takes max(FLOPs / compute, bytes / bandwidth); an operator is compute-bound exactly when its
+    Each other operator takes max(FLOPs / compute, bytes / bandwidth); an operator is compute-bound exactly when its
     intensity FLOPs/bytes is at least the ridge compute/bandwidth, so with the operators sorted by intensity the sum
     over all of them is one binary search plus two prefix sums, whatever the SM budget.
     """
@@ -46,13 +48,17 @@ class StepWork:
     flops_from: tuple[float, ...]  # flops_from[i]: FLOPs of operators i and later
     bytes_before: tuple[float, ...]  # bytes_before[i]: bytes of operators before i
     num_layers: int  # layers whose fixed overhead the step pays (0 for an empty step)
+    gemms: tuple[tuple[int, int, float, float], ...] = ()  # (rows m, columns n, FLOPs, bytes) over all layers
+    total_bytes: float = 0.0  # HBM traffic of the whole step, for bandwidth sharing
 
     @classmethod
-    def from_ops(cls, ops: list[tuple[float, float]], num_layers: int) -> "StepWork":
+    def from_ops(cls, ops: list[tuple[float, float]], num_layers: int,
+                 gemms: list[tuple[int, int, float, float]] = ()) -> "StepWork":
         ops = sorted(ops, key=lambda op: op[0] / op[1])
         flops_from = (*reversed(list(accumulate((f for f, _ in reversed(ops)), initial=0.0))),)
         bytes_before = (*accumulate((b for _, b in ops), initial=0.0),)
-        return cls(tuple(f / b for f, b in ops), flops_from, bytes_before, num_layers)
+        total = bytes_before[-1] + sum(g[3] for g in gemms)
+        return cls(tuple(f / b for f, b in ops), flops_from, bytes_before, num_layers, tuple(gemms), total)
 
     def roofline_time(self, flops_per_s: float, bytes_per_s: float) -> float:
         i = bisect.bisect_left(self.intensities, flops_per_s / bytes_per_s)
@@ -71,6 +77,11 @@ class LatencyModel:
     q + c keys and values once at the kv heads (tiles of a request's queries re-read keys from L2, not HBM).
     After the layers: the final norm over T tokens and the LM head for one sampled row per request.
     Embedding lookup and sampling move O(T*H) and O(B*V) bytes, negligible next to the weights, and are left out.
+
+    GEMMs are quantised into waves: ceil(m/tile) * ceil(n/tile) tiles on S programs run in ceil(tiles/S) waves, so
+    their compute rate is compute(S) * gemm_efficiency(m) * tiles / (waves * S), and a GEMM with fewer tiles than S
+    loads through only `tiles` programs. Two partitions running at once (`multiplexed_times`) share the device's
+    HBM bandwidth and slow decode by the profile's co-run factor; a multiplexed period pays `period_overhead`.
     """
 
     def __init__(self, shape: ModelShape, hw: HardwareProfile):
@@ -92,13 +103,42 @@ class LatencyModel:
         ops = [(f * layers, n * layers) for f, n in self._layer_ops(tokens)]
         ops += [(self._attention_flops(q, c) * layers, self._attention_bytes(q, c) * layers) for q, c in requests]
         ops.append(_elementwise(b * (4 * tokens * s.hidden_size + s.hidden_size)))  # final norm
-        ops.append(_gemm(len(requests), s.vocab_size, s.hidden_size, b, bias=False))  # LM head
-        return StepWork.from_ops(ops, layers)
+        gemms = [(m, n, f * layers, nbytes * layers) for m, n, f, nbytes in self._layer_gemms(tokens)]
+        gemms.append((len(requests), s.vocab_size, *_gemm(len(requests), s.vocab_size, s.hidden_size, b, bias=False)))
+        return StepWork.from_ops(ops, layers, gemms)
 
-    def time(self, work: StepWork, num_sms: int) -> float:
-        """Predicted seconds for `work` on `num_sms` SMs."""
-        compute, bandwidth = self.hw.compute(num_sms), self.hw.bandwidth(num_sms)
-        return work.roofline_time(compute, bandwidth) + self.hw.layer_overhead * work.num_layers
+    def time(self, work: StepWork, num_sms: int, bandwidth_share: float = 1.0) -> float:
+        """Predicted seconds for `work` on `num_sms` SMs, with `bandwidth_share` of their HBM bandwidth."""
+        if not work.num_layers:
+            return 0.0
+        hw = self.hw
+        compute, bandwidth = hw.compute(num_sms), hw.bandwidth(num_sms) * bandwidth_share
+        t = work.roofline_time(compute, bandwidth) + hw.layer_overhead * work.num_layers
+        for m, n, flops, nbytes in work.gemms:
+            tiles = math.ceil(m / hw.gemm_tile) * math.ceil(n / hw.gemm_tile)
+            waves = math.ceil(tiles / num_sms)
+            rate = compute * hw.gemm_efficiency(m) * tiles / (waves * num_sms)
+            loaders = bandwidth if tiles >= num_sms else hw.bandwidth(tiles) * bandwidth_share
+            t += max(flops / rate, nbytes / loaders)
+        return t
+
+    def multiplexed_times(self, prefill: StepWork, num_sms_prefill: int, decode: StepWork,
+                          num_sms_decode: int) -> tuple[float, float]:
+        """(prefill step, one decode step) seconds when they run side by side. Their combined HBM demand (bytes over
+        time, each alone) cannot exceed mem_bandwidth: above it both partitions' bandwidth is scaled down by the same
+        factor. Decode then runs corun_decode_slowdown slower. Either part may be empty (0 seconds, no contention)."""
+        t_p, t_d = self.time(prefill, num_sms_prefill), self.time(decode, num_sms_decode)
+        if not (t_p and t_d):
+            return t_p, t_d
+        demand = prefill.total_bytes / t_p + decode.total_bytes / t_d
+        if demand > self.hw.mem_bandwidth:
+            share = self.hw.mem_bandwidth / demand
+            t_p, t_d = self.time(prefill, num_sms_prefill, share), self.time(decode, num_sms_decode, share)
+        return t_p, t_d * (1 + self.hw.corun_decode_slowdown)
+
+    def period_time(self, k: int, t_d: float, t_p: float) -> float:
+        """Seconds of a multiplexed period: k decode steps beside one prefill step, plus the multiplexing overhead."""
+        return max(k * t_d, t_p) + (self.hw.period_overhead if t_d and t_p else 0.0)
 
     def step_time(self, requests: Sequence[tuple[int, int]], num_sms: int) -> float:
         """Predicted seconds for one step over `requests` ((q new, c cached) each) on `num_sms` SMs."""
@@ -114,18 +154,22 @@ class LatencyModel:
         norm = _elementwise(b * (4 * t * s.hidden_size + s.hidden_size))  # read x, residual; write residual, out
         ops = [
             norm,
-            _gemm(t, q_size + 2 * kv_size, s.hidden_size, b, bias=s.attention_bias),
             _elementwise(b * 2 * t * (q_size + kv_size)),  # rotary, in place on q and k
             _elementwise(b * 4 * t * kv_size),  # kv-cache store: read k, v; write both caches
-            _gemm(t, s.hidden_size, q_size, b, bias=False),
             norm,
-            _gemm(t, 2 * s.intermediate_size, s.hidden_size, b, bias=False),
             _elementwise(b * 3 * t * s.intermediate_size),  # silu_and_mul
-            _gemm(t, s.hidden_size, s.intermediate_size, b, bias=False),
         ]
         if s.qk_norm:
             ops.append(_elementwise(b * (2 * t * (q_size + kv_size) + 2 * s.head_dim)))
         return ops
+
+    def _layer_gemms(self, tokens: int) -> list[tuple[int, int, float, float]]:
+        """(m, n, FLOPs, bytes) of one layer's qkv, o, gate_up and down projections over `tokens` rows."""
+        s, b, t = self.shape, self.shape.dtype_bytes, tokens
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        shapes = [(q_size + 2 * kv_size, s.hidden_size, s.attention_bias), (s.hidden_size, q_size, False),
+                  (2 * s.intermediate_size, s.hidden_size, False), (s.hidden_size, s.intermediate_size, False)]
+        return [(t, n, *_gemm(t, n, k, b, bias=bias)) for n, k, bias in shapes]
 
     def _attention_flops(self, q: int, c: int) -> float:
         return 4 * self.shape.num_heads * self.shape.head_dim * (q * c + q * (q + 1) / 2)

@@ -9,8 +9,9 @@ def placeholder_token(seed: int, step: int, vocab_size: int) -> int:
 
 
 class SimulatedExecutor:
-    """Aggregated steps take the mixed step's predicted time on all SMs; a multiplexed step takes max(k * t_d, t_p),
-    its i-th decode token landing at (i + 1) * t_d and its prefill tokens at t_p."""
+    """Steps take the time `model` gives them, the simulator's ground truth (which may differ from the planner's):
+    aggregated steps the mixed step's time on all SMs; a multiplexed step its period (LatencyModel.period_time), its
+    i-th decode token landing at (i + 1) * t_d and its prefill tokens at t_p, t_d and t_p taken side by side."""
 
     def __init__(self, model: LatencyModel, num_sms: int, vocab_size: int):
         self.model, self.num_sms, self.vocab_size = model, num_sms, vocab_size

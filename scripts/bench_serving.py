@@ -110,6 +110,9 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
                               rate=None if args.trace or math.isinf(rate) else rate,
                               step_durations=[s.end - s.start for s in run.steps],
                               step_predictions=[s.predicted for s in run.steps])
+    from minidu.metrics import prediction_error_by_kind
+
+    metrics["latency_model_error_by_kind"] = prediction_error_by_kind([p for s in run.steps for p in s.parts or []])
     metrics |= {"model": args.model, "backend": args.backend, "gpu": hardware_name(args, engine),
                 "num_sms": engine.num_sms, "num_preemptions": engine.scheduler.num_preemptions,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "seed": args.seed}
@@ -155,6 +158,9 @@ def print_summary(m: dict) -> None:
     if (err := m["latency_model_error"]) is not None and m["backend"] != "sim":
         print(f"latency model error |predicted - measured| / measured over {err['num_steps']} steps: "
               f"median {100 * err['median']:.1f}%, p90 {100 * err['p90']:.1f}%")
+        for kind, e in m["latency_model_error_by_kind"].items():
+            if e is not None:
+                print(f"  {kind}: median {100 * e['median']:.1f}%, p90 {100 * e['p90']:.1f}% over {e['num_steps']}")
 
 
 def main() -> None:

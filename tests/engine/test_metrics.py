@@ -3,7 +3,8 @@ per-request SLO judgement on TTFT and the request's own p99 gap, throughput over
 and step mode shares."""
 import pytest
 
-from minidu.metrics import meets_slo, mode_fraction, prediction_error, serving_metrics, summarize, token_gaps
+from minidu.metrics import (meets_slo, mode_fraction, prediction_error, prediction_error_by_kind, serving_metrics,
+                            steady_state, summarize, token_gaps, tracks_rate)
 from minidu.outputs import RequestOutput
 
 
@@ -91,3 +92,33 @@ def test_prediction_error_over_steps_with_predictions():
     assert err["median"] == pytest.approx(0.1) and err["mean"] == pytest.approx((0.1 + 0.5 + 0.0) / 3)
     assert err["p90"] == pytest.approx(0.1 + 0.8 * 0.4)  # between 0.1 and 0.5 at 90% of the way
     assert prediction_error([1.0], [None]) is None and prediction_error(None, None) is None
+
+
+def test_steady_state_drops_the_first_and_last_arrivals():
+    outputs = [output(str(i), float(9 - i), [10.0 + i]) for i in range(10)]  # arrivals out of order
+    window = steady_state(outputs, warmup=0.2, drain=0.1)
+    assert [o.arrival_time for o in window] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    with pytest.raises(ValueError, match="warmup"):
+        steady_state(outputs, 0.5, 0.5)
+
+
+def test_tracks_rate_counts_completions_within_the_window():
+    # One arrival a second from t = 0 to 9; the window is arrivals 1..8 (t = 1..8).
+    keeping_up = [output(str(i), float(i), [i + 0.5]) for i in range(10)]  # each done half a second later
+    window = steady_state(keeping_up, 0.1, 0.1)
+    assert tracks_rate(keeping_up, window)  # completions 1.5 .. 7.5 in [1, 8]: 7, one per gap
+    falling_behind = [output(str(i), float(i), [2.0 * i + 0.5]) for i in range(10)]  # 2.5, 4.5, 6.5 in [1, 8]
+    assert not tracks_rate(falling_behind, steady_state(falling_behind, 0.1, 0.1))
+
+
+def test_prediction_error_by_kind():
+    parts = [("aggregated", 132, 1.0, 2.0), ("decode", 16, 0.9, 1.0), ("decode", 32, 1.2, 1.0),
+             ("decode", 16, 1.0, 1.0)]
+    report = prediction_error_by_kind(parts)
+    assert report["aggregated"]["median"] == pytest.approx(0.5)
+    assert report["multiplexed decode"]["median"] == pytest.approx(0.1) and report["multiplexed decode"][
+        "num_steps"] == 3
+    assert report["multiplexed decode"]["p90"] == pytest.approx(0.1 + 0.8 * (0.2 - 0.1))
+    assert report["multiplexed prefill"] is None
+    with pytest.raises(ValueError, match="kinds"):
+        prediction_error_by_kind([("mixed", 1, 1.0, 1.0)])

@@ -10,7 +10,8 @@ import pytest
 
 import minidu
 from minidu.metrics import serving_metrics, token_gaps
-from minidu.serving import run_workload, timeline
+from minidu.scheduler.hardware import with_physics
+from minidu.serving import run_workload, timeline, use_ground_truth
 from minidu.workloads import RequestSpec, synthetic_workload
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -102,9 +103,27 @@ def test_lone_requests_take_exactly_the_latency_models_time():
     assert len(run.steps) == sum(s.output_len for s in specs)
 
 
-def test_wall_clock_driver_waits_for_arrivals(tmp_path):
+class FakeTime:
+    """The host clock the real backend and the driver read, advanced 1 ms per reading and jumped by sleep()."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        self.now += 1e-3
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wall_clock_driver_waits_for_arrivals(tmp_path, monkeypatch):
+    from minidu import model_runner, serving
     from tests.models.checkpoints import write_checkpoint
 
+    fake = FakeTime()
+    monkeypatch.setattr(model_runner, "time", fake)
+    monkeypatch.setattr(serving, "time", fake)
     write_checkpoint(tmp_path, "LlamaForCausalLM")
     engine = minidu.Engine(str(tmp_path), num_kv_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
     specs = [RequestSpec(0.0, 5, 2), RequestSpec(1.0, 3, 2)]
@@ -151,25 +170,76 @@ def test_bench_serving_and_plot_timeline_scripts(monkeypatch, tmp_path, capsys):
     assert set(m["ttft_ms"]) == set(m["tbt_ms"]) == {"mean", "p50", "p90", "p99"}
     assert (m["policy"], m["workload"], m["rate"], m["num_requests"]) == ("duet", "azure-code", 20.0, 30)
     assert "SLO attainment" in capsys.readouterr().out
+    # The simulator's ground truth is the planner's model here: every step kind is predicted without error.
+    run_script(monkeypatch, "model_error", str(tl), "--out", str(tmp_path / "e.json"))
+    errors = json.loads((tmp_path / "e.json").read_text())
+    assert errors["aggregated"]["num_steps"] > 0 and errors["multiplexed decode"]["num_steps"] > 0
+    assert all(e is None or e["p90"] < 1e-9 for e in errors.values())
+    assert "multiplexed prefill" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     run_script(monkeypatch, "plot_timeline", str(tl), "--out", str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_sweep_capacity_brackets_the_target(monkeypatch, tmp_path):
-    out = tmp_path / "s.json"
-    run_script(monkeypatch, "sweep_capacity", "--policies", "aggregated", "--workloads", "azure-code",
-               "--num-requests", "40", "--start-rate", "8", "--tolerance", "0.3", "--out", str(out))
-    (result,) = json.loads(out.read_text())["results"]
-    passed = [p["rate"] for p in result["probes"] if p["slo_attainment"] >= 0.9]
-    failed = [p["rate"] for p in result["probes"] if p["slo_attainment"] < 0.9]
-    assert result["capacity_req_s"] == max(passed, default=0.0)
-    assert failed and min(r for r in failed if r > result["capacity_req_s"]) <= result["capacity_req_s"] / 0.7 + 1e-9
+    out, md = tmp_path / "s.json", tmp_path / "t.md"
+    run_script(monkeypatch, "sweep_capacity", "--workloads", "azure-code", "--tbt-slo-ms", "50", "--budgets", "2048",
+               "--duet-budgets", "8192", "--others", "--num-requests", "60", "--tolerance", "0.3", "--out", str(out),
+               "--table", str(md))
+    results = json.loads(out.read_text())["results"]
+    assert [(r["policy"], r["budget"]) for r in results] == [("aggregated", 2048), ("duet", 8192)]
+    for result in results:
+        probes = result["probes"]
+        assert all(p["passes"] == (p["tracks_rate"] and p["slo_attainment"] >= 0.9) for p in probes)
+        passed = [p["rate"] for p in probes if p["passes"]]
+        failed = [p["rate"] for p in probes if not p["passes"]]
+        assert result["capacity_req_s"] == max(passed, default=0.0)
+        assert min(r for r in failed if r > result["capacity_req_s"]) <= result["capacity_req_s"] / 0.7 + 1e-9
+    aggregated, duet = (r["capacity_req_s"] for r in results)
+    ratio = f"{duet / aggregated:.2f}" if aggregated else "-"
+    assert md.read_text().splitlines()[2].endswith(f"| {ratio} |")
 
 
-def test_simulated_steps_last_exactly_their_prediction(runs):
-    # The simulator advances its clock by the latency model, so the model's error on it must be zero: this checks
-    # that serving records the prediction of the plan that actually ran.
-    for policy, (_, run) in runs.items():
-        steps = [s for s in run.steps if s.end > s.start]
-        assert steps and all(s.predicted == pytest.approx(s.end - s.start, rel=1e-9) for s in steps), policy
+def test_recorded_predictions_are_the_planners_and_durations_the_ground_truths():
+    # The simulated GPU pays 50 us more per layer than the planner's model: an aggregated step then lasts exactly
+    # 36 layers * 50 us longer than predicted, whatever its batch, and every recorded part says the same.
+    engine = make_engine("duet")
+    hw = engine.latency_model.hw
+    use_ground_truth(engine, with_physics(hw, layer_overhead=hw.layer_overhead + 50e-6))
+    run = run_workload(engine, SPECS[:8], seed=1)
+    aggregated = [s for s in run.steps if s.mode == "aggregated"]
+    assert aggregated and len(aggregated) < len(run.steps)
+    for s in aggregated:
+        assert s.end - s.start - s.predicted == pytest.approx(36 * 50e-6, rel=1e-6)
+        ((kind, num_sms, predicted, measured),) = s.parts
+        assert (kind, num_sms, predicted) == ("aggregated", 132, s.predicted)
+        assert measured == pytest.approx(s.end - s.start, rel=1e-12)
+    for s in run.steps:
+        if s.mode == "multiplexed":
+            assert s.end - s.start > s.predicted
+            assert {kind for kind, *_ in s.parts} <= {"prefill", "decode"}
+
+
+# A simulated GPU on which multiplexing costs more than the planner's preset assumes: decode beside prefill 30%
+# slower (the planner expects 10%) and 500 us per period (it expects 150 us).
+CONTENDED = dict(corun_decode_slowdown=0.3, period_overhead=500e-6)
+
+
+def contended_attainment(policy: str, adaptive: bool, specs, tbt_slo_ms: float) -> float:
+    engine = minidu.Engine("qwen3-8b", backend="sim", hardware="h200", policy=policy, tbt_slo_ms=tbt_slo_ms,
+                           max_num_batched_tokens=BUDGET)
+    use_ground_truth(engine, with_physics(engine.latency_model.hw, **CONTENDED))
+    if policy == "duet" and not adaptive:
+        engine.policy.correction, engine.policy.margin = None, 0.0
+    run = run_workload(engine, specs, seed=1)
+    m = serving_metrics(run.outputs, [s.mode for s in run.steps], ttft_slo_ms=TTFT_SLO_MS, tbt_slo_ms=tbt_slo_ms)
+    return m["slo_attainment"]
+
+
+def test_adaptive_planner_keeps_the_objective_when_the_model_is_optimistic():
+    specs = synthetic_workload("azure-code", 100, 20.0, seed=0)
+    fixed = contended_attainment("duet", False, specs, 25.0)
+    adaptive = contended_attainment("duet", True, specs, 25.0)
+    aggregated = contended_attainment("aggregated", False, specs, 25.0)
+    assert fixed < 0.9 <= adaptive
+    assert adaptive >= aggregated

@@ -44,7 +44,8 @@ def test_presets_are_achievable_fractions_of_the_datasheet(name, num_sms, flops,
 
 def test_json_round_trip_through_a_file(tmp_path):
     hw = small_profile(flops_by_sms={2: 1e12, 10: 4e12}, bandwidth_by_sms={4: 7e11}, metadata={"gpu": "toy"},
-                       layer_overhead=3e-6)
+                       layer_overhead=3e-6, corun_decode_slowdown=0.2, period_overhead=1e-4, gemm_tile=64,
+                       gemm_efficiency_by_tokens={128: 0.6, 1024: 0.9})
     path = tmp_path / "profile.json"
     path.write_text(hw.to_json())
     assert json.loads(path.read_text())["flops_by_sms"] == {"2": 1e12, "10": 4e12}
@@ -52,6 +53,38 @@ def test_json_round_trip_through_a_file(tmp_path):
     assert loaded == hw
     assert loaded.compute(6) == hw.compute(6) == pytest.approx(2.5e12, rel=1e-12)
     assert load_profile(str(path)) == hw
+    assert loaded.gemm_efficiency(576) == pytest.approx(0.75, rel=1e-12)
+
+
+def test_gemm_efficiency_interpolates_and_holds_beyond_the_table():
+    hw = small_profile(gemm_efficiency_by_tokens={100: 0.5, 300: 0.9})
+    assert [hw.gemm_efficiency(m) for m in (1, 100, 200, 300, 5000)] == pytest.approx([0.5, 0.5, 0.7, 0.9, 0.9])
+    assert small_profile().gemm_efficiency(7) == 1.0
+
+
+def test_presets_say_they_are_uncalibrated_and_carry_guessed_physics():
+    hw = load_profile("h200")
+    assert not hw.calibrated and hw.metadata["calibrated"] == "false"
+    assert hw.corun_decode_slowdown > 0 and hw.period_overhead > 0 and hw.gemm_efficiency(256) < 1
+    assert small_profile(metadata={"calibrated": "true"}).calibrated
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(corun_decode_slowdown=-0.1), "corun_decode_slowdown"), (dict(period_overhead=float("nan")), "period"),
+    (dict(gemm_tile=0), "gemm_tile"), (dict(gemm_efficiency_by_tokens={64: 1.5}), "gemm_efficiency_by_tokens"),
+    (dict(gemm_efficiency_by_tokens={0: 0.5}), "gemm_efficiency_by_tokens")])
+def test_bad_physics_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        small_profile(**overrides)
+
+
+def test_with_physics_replaces_fields_and_names_unknown_ones():
+    from minidu.scheduler.hardware import with_physics
+
+    hw = with_physics(load_profile("h200"), corun_decode_slowdown=0.3)
+    assert hw.corun_decode_slowdown == 0.3 and hw.mem_bandwidth == load_profile("h200").mem_bandwidth
+    with pytest.raises(ValueError, match="slowdown"):
+        with_physics(hw, slowdown=0.3)
 
 
 def _as_json(**changes) -> str:

@@ -1,4 +1,6 @@
 """LatencyModel: FLOP and byte counts of a tiny model checked by hand, the roofline combination, and monotonicity."""
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,8 +15,10 @@ REQUESTS = [(3, 5), (1, 7)]  # T = 4 new tokens, 2 sampled rows
 
 
 def profile(flops: float, bandwidth: float, *, num_sms: int = 8, saturation: int = 8,
-            overhead: float = 0.0) -> HardwareProfile:
-    return HardwareProfile("test", num_sms, flops, bandwidth, saturation, layer_overhead=overhead)
+            overhead: float = 0.0, **physics) -> HardwareProfile:
+    """1-element GEMM tiles: every GEMM here has at least num_sms tiles in whole waves, so the hand counts hold."""
+    return HardwareProfile("test", num_sms, flops, bandwidth, saturation, layer_overhead=overhead,
+                           **({"gemm_tile": 1} | physics))
 
 
 def causal_pairs(q: int, c: int) -> int:
@@ -62,7 +66,7 @@ def test_flops_of_a_compute_bound_step():
     assert model.step_time(REQUESTS, 8) == pytest.approx(total_flops / 1e9, rel=1e-9)
 
 
-@pytest.mark.parametrize("num_sms", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_sms", [1, 2, 4, 8])  # divide every GEMM's tiles: whole waves
 def test_each_operator_takes_its_own_roofline_bound(num_sms):
     # Ridge 4 FLOP/B at 8 SMs (everything bandwidth-bound), 2 FLOP/B at 2 SMs (GEMMs and the prefill chunk's
     # attention turn compute-bound); bandwidth saturates at 4 SMs.
@@ -137,3 +141,46 @@ def test_more_tokens_or_context_is_never_faster(requests, s, index, extra, new):
     assert H200.step_time(more_context, s) >= base * (1 - 1e-12)
     if new:
         assert H200.step_time(requests + [(extra, c)], s) >= base * (1 - 1e-12)
+
+
+def test_wave_quantisation_and_gemm_efficiency():
+    # Compute-bound; with 1-element tiles a GEMM over m rows and n columns has m * n tiles.
+    hw = profile(flops=8e9, bandwidth=1e30, gemm_efficiency_by_tokens={2: 0.5, 8: 1.0})
+    model = LatencyModel(TINY, hw)
+    work = model.work([(4, 0)])  # 4 rows through the layers, 1 sampled row through the LM head
+    assert [(m, n) for m, n, _, _ in work.gemms] == [(4, 128), (4, 64), (4, 256), (4, 64), (1, 100)]
+    efficiency = {4: 0.5 + 0.5 * (4 - 2) / (8 - 2), 1: 0.5}  # interpolated; held below the first row count
+    for num_sms in (3, 5, 7):
+        compute = 8e9 * num_sms / 8
+        expected = work.roofline_time(compute, 1e30) + hw.layer_overhead * 2
+        for m, n, flops, _ in work.gemms:
+            wave = m * n / (math.ceil(m * n / num_sms) * num_sms)
+            expected += flops / (compute * efficiency[m] * wave)
+        assert model.time(work, num_sms) == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemm_with_fewer_tiles_than_programs_loads_through_fewer_sms():
+    hw = profile(flops=1e30, bandwidth=8e9, saturation=8, gemm_tile=64)  # one 64x64 tile per GEMM below 64 rows
+    model = LatencyModel(TINY, hw)
+    work = model.work([(1, 0)])
+    gemm_bytes = sum(b for *_, b in work.gemms)
+    tiles = [math.ceil(n / 64) for _, n, _, _ in work.gemms]  # 128 -> 2, 64 -> 1, 256 -> 4, 64 -> 1, 100 -> 2
+    expected = work.roofline_time(1e30, 8e9) + sum(b / (8e9 * t / 8) for (*_, b), t in zip(work.gemms, tiles))
+    assert model.time(work, 8) == pytest.approx(expected, rel=1e-12)
+    assert model.time(work, 8) > work.roofline_time(1e30, 8e9) + gemm_bytes / 8e9
+
+
+def test_side_by_side_shares_bandwidth_slows_decode_and_pays_the_period():
+    hw = profile(flops=1e30, bandwidth=1e9, num_sms=8, saturation=2, corun_decode_slowdown=0.25,
+                 period_overhead=1e-4)
+    model = LatencyModel(TINY, hw)
+    prefill, decode = model.work([(3, 5)]), model.work([(1, 7)])
+    t_p, t_d = model.time(prefill, 4), model.time(decode, 4)  # both bandwidth-bound at the full 1e9 B/s
+    assert (t_p, t_d) == pytest.approx((prefill.total_bytes / 1e9, decode.total_bytes / 1e9), rel=1e-12)
+    # Together they demand 2e9 B/s of a 1e9 B/s device: each gets half, so each takes twice as long.
+    shared_p, shared_d = model.multiplexed_times(prefill, 4, decode, 4)
+    assert shared_p == pytest.approx(2 * t_p, rel=1e-12)
+    assert shared_d == pytest.approx(2 * t_d * 1.25, rel=1e-12)
+    assert model.period_time(3, shared_d, shared_p) == pytest.approx(max(3 * shared_d, shared_p) + 1e-4)
+    assert model.multiplexed_times(model.work([]), 4, decode, 4) == (0.0, t_d)  # alone: no contention, no slowdown
+    assert model.period_time(3, t_d, 0.0) == 3 * t_d
