@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-WORKLOADS = ("fixed", "random", "azure-code", "azure-conv", "mooncake")
-POLICIES = ("aggregated", "prefill-first", "static", "duet")
+from minidu.benchmarks.workloads import WORKLOADS
+from minidu.scheduler.policy import POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser, backends: tuple[str, ...] = ("sim", "gpu")) -> None:
@@ -73,7 +73,7 @@ def make_engine(args: argparse.Namespace, policy: str):
 
 
 def make_specs(args: argparse.Namespace, workload: str, rate: float):
-    from minidu.workloads import load_trace, synthetic_workload
+    from minidu.benchmarks.workloads import load_trace, synthetic_workload
 
     if args.trace:
         return load_trace(args.trace, args.num_requests)
@@ -83,8 +83,8 @@ def make_specs(args: argparse.Namespace, workload: str, rate: float):
 
 def run_openai(args: argparse.Namespace) -> dict:
     """The benchmark as a streaming client of an OpenAI-compatible server: times on the client's clock."""
-    from minidu.metrics import serving_metrics
-    from minidu.openai_client import run_workload
+    from minidu.benchmarks.metrics import serving_metrics
+    from minidu.benchmarks.openai_client import run_workload
 
     run = run_workload(args.base_url, make_specs(args, args.workload, args.rate), vocab_size=args.vocab_size,
                        seed=args.seed)
@@ -97,8 +97,8 @@ def run_openai(args: argparse.Namespace) -> dict:
 
 def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, progress: bool = False):
     """One benchmark run: (metrics dict, ServingRun)."""
-    from minidu.metrics import serving_metrics
-    from minidu.serving import run_workload
+    from minidu.benchmarks.metrics import serving_metrics
+    from minidu.benchmarks.serving import run_workload
 
     engine = make_engine(args, policy)
     specs = make_specs(args, workload, rate)
@@ -110,7 +110,7 @@ def run_once(args: argparse.Namespace, policy: str, workload: str, rate: float, 
                               rate=None if args.trace or math.isinf(rate) else rate,
                               step_durations=[s.end - s.start for s in run.steps],
                               step_predictions=[s.predicted for s in run.steps])
-    from minidu.metrics import prediction_error_by_kind
+    from minidu.benchmarks.metrics import prediction_error_by_kind
 
     metrics["latency_model_error_by_kind"] = prediction_error_by_kind([p for s in run.steps for p in s.parts or []])
     metrics |= {"model": args.model, "backend": args.backend, "gpu": hardware_name(args, engine),
@@ -165,7 +165,7 @@ def print_summary(m: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    from minidu.serving import timeline
+    from minidu.benchmarks.serving import timeline
 
     if args.backend == "openai" and args.timeline:
         sys.exit("bench_serving.py: error: --timeline needs the engine's steps, which --backend openai does not see")

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from minidu.metrics import prediction_error_by_kind
+from minidu.benchmarks.metrics import prediction_error_by_kind
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,15 +10,15 @@ pace with arrivals. The simulated GPU's ground truth (--truth) may differ from t
 """
 import argparse
 import json
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench_serving import add_engine_args, make_engine, make_specs
+from minidu.benchmarks.workloads import TRACE_SHAPES
 
-SWEEP_WORKLOADS = ("azure-conv", "azure-code", "mooncake")
+SWEEP_WORKLOADS = tuple(TRACE_SHAPES)  # the DuetServe paper's trace shapes
 START_RATES = {"azure-conv": 24.0, "azure-code": 8.0, "mooncake": 1.0}  # req/s, near the expected capacities
 # Ground truths of the simulated GPU: "planner" runs steps exactly as the planner predicts; "contention" makes
 # multiplexing costlier than the planner's preset assumes (decode beside prefill 20% slower instead of 10%, 300 us
@@ -71,9 +71,9 @@ def probe_args(args: argparse.Namespace, probe: Probe) -> argparse.Namespace:
 
 def run_probe(args: argparse.Namespace, probe: Probe, rate: float) -> dict:
     """Steady-state metrics of one run at `rate` req/s."""
-    from minidu.metrics import serving_metrics, steady_state, tracks_rate
+    from minidu.benchmarks.metrics import serving_metrics, steady_state, tracks_rate
     from minidu.scheduler.hardware import with_physics
-    from minidu.serving import run_workload, use_ground_truth
+    from minidu.benchmarks.serving import run_workload, use_ground_truth
 
     settings = probe_args(args, probe)
     engine = make_engine(settings, probe.policy)

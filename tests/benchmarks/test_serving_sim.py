@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import minidu
-from minidu.metrics import serving_metrics, token_gaps
+from minidu.benchmarks.metrics import serving_metrics, token_gaps
 from minidu.scheduler.hardware import with_physics
-from minidu.serving import run_workload, timeline, use_ground_truth
-from minidu.workloads import RequestSpec, synthetic_workload
+from minidu.benchmarks.serving import run_workload, timeline, use_ground_truth
+from minidu.benchmarks.workloads import RequestSpec, synthetic_workload
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 TBT_SLO_MS, TTFT_SLO_MS = 50.0, 2000.0
@@ -118,7 +118,8 @@ class FakeTime:
 
 
 def test_wall_clock_driver_waits_for_arrivals(tmp_path, monkeypatch):
-    from minidu import model_runner, serving
+    from minidu import model_runner
+    from minidu.benchmarks import serving
     from tests.models.checkpoints import write_checkpoint
 
     fake = FakeTime()

@@ -10,7 +10,7 @@ from minidu.sampling_params import SamplingParams
 from minidu.scheduler.hardware import HardwareProfile
 from minidu.scheduler.plan import AggregatedPlan
 from minidu.scheduler.roofline import LatencyModel
-from minidu.workloads import RequestSpec, prompt_token_ids
+from minidu.benchmarks.workloads import RequestSpec, prompt_token_ids
 
 
 @dataclass(slots=True)

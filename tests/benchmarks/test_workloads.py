@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minidu.workloads import (TRACE_SHAPES, RequestSpec, arrival_times, load_trace, prompt_token_ids,
+from minidu.benchmarks.workloads import (TRACE_SHAPES, RequestSpec, arrival_times, load_trace, prompt_token_ids,
                               random_lengths, synthetic_workload)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 
 from minidu.outputs import RequestOutput
-from minidu.workloads import RequestSpec, prompt_token_ids
+from minidu.benchmarks.workloads import RequestSpec, prompt_token_ids
 
 PREEMPTIONS = "vllm:num_preemptions_total"
 

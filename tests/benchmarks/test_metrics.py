@@ -3,7 +3,7 @@ per-request SLO judgement on TTFT and the request's own p99 gap, throughput over
 and step mode shares."""
 import pytest
 
-from minidu.metrics import (meets_slo, mode_fraction, prediction_error, prediction_error_by_kind, serving_metrics,
+from minidu.benchmarks.metrics import (meets_slo, mode_fraction, prediction_error, prediction_error_by_kind, serving_metrics,
                             steady_state, summarize, token_gaps, tracks_rate)
 from minidu.outputs import RequestOutput
 
