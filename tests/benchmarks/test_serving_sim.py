@@ -182,6 +182,12 @@ def test_bench_serving_and_plot_timeline_scripts(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
+def test_bench_serving_refuses_requests_longer_than_max_model_len(monkeypatch):
+    with pytest.raises(SystemExit, match=r"5/5 requests need more than max_model_len=40960"):
+        run_script(monkeypatch, "bench_serving", "--backend", "sim", "--model", "qwen3-8b", "--workload", "fixed",
+                   "--input-len", "50000", "--output-len", "8", "--num-requests", "5", "--no-progress")
+
+
 def test_sweep_capacity_brackets_the_target(monkeypatch, tmp_path):
     out, md = tmp_path / "s.json", tmp_path / "t.md"
     run_script(monkeypatch, "sweep_capacity", "--workloads", "azure-code", "--tbt-slo-ms", "50", "--budgets", "2048",
