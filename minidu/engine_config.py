@@ -106,10 +106,6 @@ class EngineParts:
     num_sms: int  # every SM the engine's steps may use
 
 
-# HBM of the GPUs the simulated backend knows, for sizing its KV cache (a profile JSON may give memory_bytes instead).
-GPU_MEMORY_BYTES = {"h100": 80e9, "h200": 141e9, "a100": 80e9}
-
-
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -169,7 +165,7 @@ def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: Hardware
     """The KV blocks the simulated GPU would hold: its memory times gpu_memory_utilization, less weights and activations."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    memory = float(hw.metadata.get("memory_bytes", GPU_MEMORY_BYTES.get(hw.name, 0)))
+    memory = hw.memory_bytes
     if not memory:
         raise ValueError(f"the memory of hardware {hw.name!r} is unknown: pass num_kv_blocks")
     c = model_config

@@ -4,6 +4,20 @@ import math
 
 from minidu.scheduler.hardware import HardwareProfile
 
+# The bandwidth curve saturates at the first budget within this fraction of the best measured bandwidth.
+SATURATION_FRACTION = 0.95
+
+
+def build_profile(name: str, num_sms: int, flops_by_sms: dict[int, float], bandwidth_by_sms: dict[int, float],
+                  layer_overhead: float, memory_bytes: float, metadata: dict[str, str]) -> HardwareProfile:
+    """A profile from measured tables: its peaks are the best measurements and its saturation point the first budget
+    within SATURATION_FRACTION of the best bandwidth."""
+    best_bandwidth = max(bandwidth_by_sms.values())
+    saturation = min(s for s, bw in bandwidth_by_sms.items() if bw >= SATURATION_FRACTION * best_bandwidth)
+    return HardwareProfile(name, num_sms, max(flops_by_sms.values()), best_bandwidth, saturation,
+                           layer_overhead=layer_overhead, memory_bytes=memory_bytes, flops_by_sms=flops_by_sms,
+                           bandwidth_by_sms=bandwidth_by_sms, metadata=metadata)
+
 
 def fit_gemm_efficiency(hw: HardwareProfile, n: int, k: int, num_sms: int, seconds_by_tokens: dict[int, float],
                         dtype_bytes: int = 2) -> dict[int, float]:

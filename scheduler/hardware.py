@@ -25,6 +25,7 @@ class HardwareProfile:
     peak_flops: float  # FLOP/s with all SMs, model dtype (bf16) dense
     mem_bandwidth: float  # B/s once bandwidth saturates
     bandwidth_saturation_sms: int  # smallest budget that reaches mem_bandwidth
+    memory_bytes: float = field(default=0.0, kw_only=True)  # device memory, sizes a simulated KV cache (0: unknown)
     # Seconds per decoder layer per step that the roofline misses: launch gaps between the layer's ~10 kernels and the
     # partial last wave of each. 20 us/layer is ~2 us/kernel, typical of back-to-back launches on Hopper.
     layer_overhead: float = 20e-6
@@ -54,6 +55,9 @@ class HardwareProfile:
         _check_positive("peak_flops", self.peak_flops)
         _check_positive("mem_bandwidth", self.mem_bandwidth)
         _check_int("bandwidth_saturation_sms", self.bandwidth_saturation_sms, 1, self.num_sms)
+        if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int | float) \
+                or not math.isfinite(self.memory_bytes) or self.memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be a finite number >= 0, got {self.memory_bytes!r}")
         if not isinstance(self.layer_overhead, int | float) or not math.isfinite(self.layer_overhead) \
                 or self.layer_overhead < 0:
             raise ValueError(f"layer_overhead must be a finite number >= 0, got {self.layer_overhead!r}")
@@ -145,29 +149,31 @@ PRESET_PERIOD_OVERHEAD = 150e-6
 PRESET_GEMM_EFFICIENCY = {64: 0.5, 128: 0.55, 256: 0.65, 512: 0.8, 1024: 0.9, 2048: 0.95, 4096: 1.0}
 
 
-def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float) -> HardwareProfile:
+def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float,
+            memory_bytes: float) -> HardwareProfile:
     # HBM saturates with ~40% of the SMs (measured knees on Hopper sit between 1/3 and 1/2 of the SMs).
     return HardwareProfile(name, num_sms, datasheet_flops * COMPUTE_EFFICIENCY,
-                           datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms),
+                           datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms), memory_bytes=memory_bytes,
                            corun_decode_slowdown=PRESET_CORUN_DECODE_SLOWDOWN, period_overhead=PRESET_PERIOD_OVERHEAD,
                            gemm_efficiency_by_tokens=dict(PRESET_GEMM_EFFICIENCY),
                            metadata={"calibrated": "false", "source": "datasheet preset with guessed efficiencies"})
 
 
-PRESETS: dict[str, tuple[int, float, float]] = {  # name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s)
-    "h100": (132, 989e12, 3.35e12),  # H100 SXM
-    "h200": (132, 989e12, 4.8e12),
-    "a100": (108, 312e12, 2.0e12),  # A100 SXM 80GB
+# name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s, HBM bytes)
+HARDWARE_PRESETS: dict[str, tuple[int, float, float, float]] = {
+    "h100": (132, 989e12, 3.35e12, 80e9),  # H100 SXM
+    "h200": (132, 989e12, 4.8e12, 141e9),
+    "a100": (108, 312e12, 2.0e12, 80e9),  # A100 SXM 80GB
 }
 
 
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """A preset by name (case-insensitive: h100, h200, a100) or a JSON profile written by scripts/calibrate_hw.py."""
-    if isinstance(name_or_path, str) and name_or_path.lower() in PRESETS:
-        return _preset(name_or_path.lower(), *PRESETS[name_or_path.lower()])
+    if isinstance(name_or_path, str) and name_or_path.lower() in HARDWARE_PRESETS:
+        return _preset(name_or_path.lower(), *HARDWARE_PRESETS[name_or_path.lower()])
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"name_or_path {str(name_or_path)!r} is neither a hardware preset {sorted(PRESETS)} "
+        raise ValueError(f"name_or_path {str(name_or_path)!r} is neither a hardware preset {sorted(HARDWARE_PRESETS)} "
                          f"nor a profile JSON file")
     try:
         return HardwareProfile.from_json(path.read_text())

@@ -15,11 +15,10 @@ from pathlib import Path
 import minidu  # noqa: F401  (chooses compiled vs interpreted Triton before triton is imported)
 import torch
 
-from minidu.scheduler.calibration import fit_corun_slowdown, fit_gemm_efficiency
+from minidu.scheduler.calibration import build_profile, fit_corun_slowdown, fit_gemm_efficiency
 from minidu.scheduler.hardware import HardwareProfile, with_physics
 
 # Smallest budget whose bandwidth reaches this fraction of the best one is reported as the saturation point.
-SATURATION_FRACTION = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,16 +203,6 @@ def decode_inputs(args: argparse.Namespace):
     return q, k_cache, v_cache, seq_lens, block_tables, float(nbytes)
 
 
-def build_profile(name: str, num_sms: int, flops_by_sms: dict[int, float], bandwidth_by_sms: dict[int, float],
-                  layer_overhead: float, metadata: dict[str, str]) -> HardwareProfile:
-    """A profile whose peaks are the best measurements and whose saturation point is the first budget within
-    SATURATION_FRACTION of the best bandwidth."""
-    best_bandwidth = max(bandwidth_by_sms.values())
-    saturation = min(s for s, bw in bandwidth_by_sms.items() if bw >= SATURATION_FRACTION * best_bandwidth)
-    return HardwareProfile(name, num_sms, max(flops_by_sms.values()), best_bandwidth, saturation, layer_overhead,
-                           flops_by_sms, bandwidth_by_sms, metadata)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -236,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode_attention": f"batch={args.batch} context={args.context} heads={args.num_heads}/{args.num_kv_heads} "
                             f"head_dim={args.head_dim} block_size={args.block_size}",
     }
-    profile = build_profile(args.name or props.name, num_sms, flops, bandwidth, args.layer_overhead, metadata)
+    profile = build_profile(args.name or props.name, num_sms, flops, bandwidth, args.layer_overhead,
+                            float(props.total_memory), metadata)
     m, n, k = args.gemm_shape
     efficiency = fit_gemm_efficiency(profile, n, k, num_sms, gemm_seconds_by_tokens(args.gemm_tokens, n, k, num_sms))
     runs = corun_runs(args, num_sms)

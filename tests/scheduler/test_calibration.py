@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from minidu.scheduler.calibration import fit_corun_slowdown, fit_gemm_efficiency
+from minidu.scheduler.calibration import build_profile, fit_corun_slowdown, fit_gemm_efficiency
 from minidu.scheduler.hardware import HardwareProfile
 
 HW = HardwareProfile("test", 100, 100e12, 1e12, 40, gemm_tile=128)
@@ -31,3 +31,14 @@ def test_corun_slowdown_is_net_of_bandwidth_sharing():
     assert fit_corun_slowdown(HW, [(1e3, 1.0, 0.9, 1e3, 1.0, 1.0)]) == 0.0  # never negative
     with pytest.raises(ValueError, match="empty"):
         fit_corun_slowdown(HW, [])
+
+
+def test_build_profile_reads_its_tables_back():
+    flops = {16: 100e12, 66: 390e12, 132: 780e12}
+    bandwidth = {16: 1.5e12, 66: 4.1e12, 132: 4.3e12}
+    hw = build_profile("h200-measured", 132, flops, bandwidth, 15e-6, 141e9, {"gpu": "NVIDIA H200"})
+    assert (hw.peak_flops, hw.mem_bandwidth, hw.memory_bytes, hw.layer_overhead) == (780e12, 4.3e12, 141e9, 15e-6)
+    assert hw.bandwidth_saturation_sms == 66  # the first budget within 95% of the best bandwidth
+    assert [hw.compute(s) for s in flops] == list(flops.values())
+    assert [hw.bandwidth(s) for s in bandwidth] == list(bandwidth.values())
+    assert hw.corun_decode_slowdown == 0.0 and hw.metadata["gpu"] == "NVIDIA H200"
