@@ -16,7 +16,7 @@ import minidu  # noqa: F401  (chooses compiled vs interpreted Triton before trit
 import torch
 
 from minidu.scheduler.calibration import build_profile, fit_corun_slowdown, fit_gemm_efficiency
-from minidu.scheduler.hardware import HardwareProfile, with_physics
+from minidu.scheduler.hardware import with_physics
 
 # Smallest budget whose bandwidth reaches this fraction of the best one is reported as the saturation point.
 
