@@ -7,6 +7,7 @@ from minidu.scheduler.block_manager import BlockManager
 from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, StepOutput
 from minidu.scheduler.scheduler import Scheduler, SchedulerConfig
 from minidu.scheduler.sequence import Sequence, SequenceStatus
+from tests.scheduler.helpers import state
 
 VOCAB = 50
 
@@ -27,15 +28,6 @@ def expected_output(prompt: list[int], max_tokens: int, stop: int | None) -> lis
 def schedule(scheduler: Scheduler) -> AggregatedPlan:
     proposal = scheduler.propose()
     return scheduler.commit(AggregatedPlan(proposal.chunks, preempt=proposal.preempt))
-
-
-def state(scheduler: Scheduler) -> tuple:
-    """Everything a proposal must leave untouched."""
-    bm = scheduler.block_manager
-    seqs = [*scheduler.waiting, *scheduler.running]
-    return ([s.request_id for s in scheduler.waiting], [s.request_id for s in scheduler.running],
-            [(s.status, s.num_computed_tokens, tuple(s.block_table)) for s in seqs], list(bm.free_blocks),
-            [(b.ref_count, b.hash) for b in bm.blocks], dict(bm.hash_to_block), scheduler.num_preemptions)
 
 
 def run(scheduler: Scheduler, max_steps: int = 10_000) -> list:
