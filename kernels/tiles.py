@@ -1,6 +1,7 @@
 """Tile tables, one per backend: compiled CUDA kernels get tiles chosen for the GPU (within the target's shared-memory
 limit, with a reduction order that depends on the problem's fixed dimensions only), the CPU interpreter gets tiles
 chosen by its per-program cost model. Every launcher takes its tile shapes from here."""
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -85,6 +86,7 @@ def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k:
     return tiles * (_TILE_COST + steps * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST)))
 
 
+@functools.cache  # the search costs ~5 ms, and a model has a handful of GEMM shapes per batch size
 def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
     """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the
     interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant."""
