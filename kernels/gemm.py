@@ -26,7 +26,6 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    TAIL_K: tl.constexpr,  # interpreter only: K = num_k_tiles * BLOCK_K + TAIL_K (0 on CUDA)
 ):
     # int64 tile index math and a host-computed tile grid: see the interpreter notes in kernels/utils.py.
     tiles_per_group = tl.cast(num_pid_n, tl.int64) * GROUP_M
@@ -94,28 +93,6 @@ def _gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // W_PACK
-        if TAIL_K > 0:
-            # The interpreter pays per step, not per element: K = 576 runs as 512 + 64 in two unmasked steps rather
-            # than nine of 64 or masked ones of 1024 (see tiles.interpret_gemm_config). Same math as a loop step.
-            offs_t = tl.arange(0, TAIL_K)
-            tail_x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + (K - TAIL_K) + offs_t[None, :]
-            a = tl.load(tail_x_ptrs)
-            if SILU_MUL:
-                gate = a.to(tl.float32)
-                e = tl.exp(-tl.abs(gate))
-                sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-                a = (gate * sigmoid * tl.load(tail_x_ptrs + K).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if W_PACK == 1:
-                b = tl.load(w_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_wn + (K - TAIL_K) + offs_t[:, None])
-            else:
-                offs_tw = tl.arange(0, TAIL_K // W_PACK)
-                tail_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + (K - TAIL_K) // W_PACK
-                words = tl.load((tail_ptrs + offs_tw[None, :]).reshape(BLOCK_N * (TAIL_K // W_PACK)))
-                bits = tl.join(words.to(tl.uint32), (words >> 32).to(tl.uint32))
-                if W_PACK == 4:
-                    bits = tl.join(bits.to(tl.uint16), (bits >> 16).to(tl.uint16))
-                b = tl.trans(bits.reshape(BLOCK_N, TAIL_K).to(x_ptr.dtype.element_ty, bitcast=True))
-            acc = tl.dot(a, b, acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -188,13 +165,12 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
         x, w_arg, bias if bias is not None else out, out,
         m, n, k,
         x.stride(0), w_arg.stride(0), out.stride(0),
-        triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), (k - cfg.tail_k) // cfg.block_k if cfg.tail_k
-        else triton.cdiv(k, cfg.block_k), grid,
+        triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), grid,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
-        EVEN_K=cfg.tail_k > 0 or k % cfg.block_k == 0,
+        EVEN_K=k % cfg.block_k == 0,
         W_PACK=pack,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TAIL_K=cfg.tail_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

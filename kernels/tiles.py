@@ -45,7 +45,6 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    tail_k: int = 0  # interpreter only: K = k_steps * block_k + tail_k, the tail in one narrower unmasked step
 
 
 def gemm_shared_bytes(cfg: GemmConfig, itemsize: int) -> int:
@@ -80,37 +79,23 @@ _TILE_COST, _STEP_COST, _ELEM_COST, _MASKED_ELEM_COST, _MAC_COST = 5e-4, 4e-4, 6
 _MAX_INTERPRET_TILE = 2 ** 19
 
 
-def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, tail_k: int = 0) -> float:
+def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> float:
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if tail_k:
-        # (k - tail_k) / block_k unmasked steps, then one unmasked step of tail_k columns.
-        step = _STEP_COST + block_n * block_k * (_ELEM_COST + block_m * _MAC_COST)
-        tail = _STEP_COST + block_n * tail_k * (_ELEM_COST + block_m * _MAC_COST)
-        return tiles * (_TILE_COST + (k - tail_k) // block_k * step + tail)
     steps = triton.cdiv(k, block_k)
     elem_cost = _ELEM_COST if k % block_k == 0 else _MASKED_ELEM_COST
     return tiles * (_TILE_COST + steps * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST)))
 
 
-def _tail(k: int, block_k: int) -> int:
-    """The tail step of K for `block_k`-wide steps: K % block_k when that is a power of two of at least 16 (an exact
-    unmasked step), else 0 (no tail: the steps cover K, masked if they must)."""
-    rem = k % block_k
-    return rem if k > block_k and rem >= 16 and rem & (rem - 1) == 0 else 0
-
-
 @functools.cache  # the search costs ~5 ms, and a model has a handful of GEMM shapes per batch size
 def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
-    """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K, tail)
-    minimise the interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not
-    batch-invariant."""
+    """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the
+    interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant."""
     block_m = max(1, min(64, next_power_of_2(max(m, 1))))
-    candidates = [(bn, bk, tail) for bn in (2 ** i for i in range(4, 15)) for bk in (2 ** i for i in range(4, 11))
-                  for tail in {0, _tail(k, bk)}
+    candidates = [(bn, bk) for bn in (2 ** i for i in range(4, 15)) for bk in (2 ** i for i in range(4, 11))
                   if bn * bk <= _MAX_INTERPRET_TILE and bn <= max(16, next_power_of_2(n))
                   and bk <= max(16, next_power_of_2(k))]
-    block_n, block_k, tail_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
-    return GemmConfig(block_m, block_n, block_k, tail_k=tail_k)
+    block_n, block_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
+    return GemmConfig(block_m, block_n, block_k)
 
 
 # The MLP's SwiGLU as the down projection's prologue (gemm(..., silu_mul=True)) saves the interpreter a launch per
