@@ -228,7 +228,7 @@ def _launch(q, k, store, positions, inv_freq, attention_factor, num_sms) -> None
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // token_elems))
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, q.device)
-    # Without a store, q stands in for the unused pointers.
+    # Without a store, k, q and positions stand in for the unused v, cache and slot pointers (never dereferenced).
     v, k_cache, v_cache, slot_mapping = store if store is not None else (k, q, q, positions)
     _rotary_kernel[(grid,)](
         q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq,
