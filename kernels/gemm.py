@@ -5,12 +5,13 @@ import triton
 import triton.language as tl
 
 from minidu.kernels import tiles
+from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.tiles import GemmConfig
 from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, resolve_num_sms
 
 @triton.jit(do_not_specialize=["num_pid_m", "num_pid_n", "num_k_tiles", "num_progs"])
 def _gemm_kernel(
-    x_ptr,  # [M, K], row stride stride_xm
+    x_ptr,  # [M, K] (or [M, 2K] = [gate | up] if SILU_MUL), row stride stride_xm
     w_ptr,  # [N, K] (or [N, K // W_PACK] uint64 words), row stride stride_wn in its own elements
     bias_ptr,  # [N]; a dummy pointer when not HAS_BIAS
     out_ptr,  # [M, N], row stride stride_om
@@ -18,6 +19,7 @@ def _gemm_kernel(
     stride_xm, stride_wn, stride_om,
     num_pid_m, num_pid_n, num_k_tiles, num_progs,
     HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
     EVEN_K: tl.constexpr,
     W_PACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -59,6 +61,17 @@ def _gemm_kernel(
             else:
                 k_left = K - k * BLOCK_K
                 a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            if SILU_MUL:
+                # SwiGLU as the prologue of the down projection: silu(gate) * up rounded to x's dtype, the value
+                # silu_and_mul would store, so the fused product equals the unfused one bitwise.
+                if EVEN_K:
+                    up = tl.load(x_ptrs + K)
+                else:
+                    up = tl.load(x_ptrs + K, mask=offs_k[None, :] < k_left, other=0.0)
+                gate = a.to(tl.float32)
+                e = tl.exp(-tl.abs(gate))
+                sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+                a = (gate * sigmoid * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
             if W_PACK == 1:
                 if EVEN_K:
                     b = tl.load(w_ptrs)
@@ -112,9 +125,12 @@ def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
 
 
-def _check_inputs(x, w, bias, out) -> None:
+def _check_inputs(x, w, bias, out, silu_mul: bool) -> None:
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("w", w, ndim=2, dtypes=(x.dtype,), device=x.device, shape=(None, x.shape[1]))
+    if silu_mul and x.shape[1] % 2:
+        raise ValueError(f"x must have an even last dimension [gate | up], got shape {tuple(x.shape)}")
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    check_tensor("w", w, ndim=2, dtypes=(x.dtype,), device=x.device, shape=(None, k))
     _check_last_dim_contiguous("x", x)
     _check_last_dim_contiguous("w", w)
     if bias is not None:
@@ -125,11 +141,18 @@ def _check_inputs(x, w, bias, out) -> None:
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-         num_sms: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[M, N] = x[M, K] @ w[N, K].T (+ bias[N]), fp32 accumulation, in x's dtype, on at most `num_sms` SMs."""
-    _check_inputs(x, w, bias, out)
+         num_sms: int | None = None, out: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ w[N, K].T (+ bias[N]), fp32 accumulation, in x's dtype, on at most `num_sms` SMs.
+
+    With `silu_mul`, x is [M, 2K] = [gate | up] and the product is taken of silu_and_mul(x): in the interpreter computed
+    per tile and never stored (one launch, bitwise equal to the two kernels in sequence), on CUDA by silu_and_mul
+    first (see tiles.SILU_MUL_PROLOGUE).
+    """
+    _check_inputs(x, w, bias, out, silu_mul)
     resolve_num_sms(num_sms, x.device)
-    (m, k), n = x.shape, w.shape[0]
+    if silu_mul and not tiles.SILU_MUL_PROLOGUE:
+        x, silu_mul = silu_and_mul(x, num_sms=num_sms), False
+    m, k, n = x.shape[0], w.shape[1], w.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -144,6 +167,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
         x.stride(0), w_arg.stride(0), out.stride(0),
         triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), grid,
         HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul,
         EVEN_K=k % cfg.block_k == 0,
         W_PACK=pack,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

@@ -72,13 +72,8 @@ def _check_cache(name: str, cache, like: torch.Tensor) -> None:
                  shape=(None, None, like.shape[1], like.shape[2]), contiguous=True)
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, *, num_sms: int | None = None) -> None:
-    """Writes k[t], v[t] ([T, Hk, D], strided views allowed, last dim contiguous) into cache slot slot_mapping[t].
-
-    Tokens whose slot is -1 are skipped. Slots must be < num_blocks * block_size and distinct (unchecked: that would
-    need a device sync).
-    """
+def check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """The checks of every launcher that stores k/v into the cache; ValueError naming the argument."""
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("v", v, ndim=3, dtypes=(k.dtype,), device=k.device, shape=tuple(k.shape))
     for name, t in (("k", k), ("v", v)):
@@ -88,9 +83,19 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     _check_cache("v_cache", v_cache, k)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, expected k_cache's {tuple(k_cache.shape)}")
-    num_tokens, num_kv_heads, head_dim = k.shape
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=k.device, shape=(num_tokens,),
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, device=k.device, shape=(k.shape[0],),
                  contiguous=True)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, *, num_sms: int | None = None) -> None:
+    """Writes k[t], v[t] ([T, Hk, D], strided views allowed, last dim contiguous) into cache slot slot_mapping[t].
+
+    Tokens whose slot is -1 are skipped. Slots must be < num_blocks * block_size and distinct (unchecked: that would
+    need a device sync).
+    """
+    check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = k.shape
 
     block_hk, block_d = next_power_of_2(max(num_kv_heads, 1)), next_power_of_2(max(head_dim, 1))
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), tiles.TILE_ELEMS // (block_hk * block_d)))

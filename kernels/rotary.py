@@ -1,11 +1,13 @@
-"""Rotary position embedding (rotate-half, as in HF Llama/NeoX) applied in place to q and k, plus the host-side
-inverse frequencies and cos/sin scale of transformers' default, linear, dynamic, Llama-3 and YaRN rope."""
+"""Rotary position embedding (rotate-half, as in HF Llama/NeoX) applied in place to q and k, optionally storing the
+rotated k and v in the paged KV cache in the same launch, plus the host-side inverse frequencies and cos/sin scale of
+transformers' default, linear, dynamic, Llama-3 and YaRN rope."""
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from minidu.kernels.kv_cache import check_kv_store_inputs
 from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
 
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
@@ -114,12 +116,16 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
 def _rotary_kernel(
     q_ptr,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
     k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
+    v_ptr,  # [T, Hk, D], strides (stride_vt, stride_vh, 1); unused unless STORE_KV
+    k_cache_ptr,  # [num_blocks, block_size, Hk, D] contiguous; unused unless STORE_KV
+    v_cache_ptr,  # [num_blocks, block_size, Hk, D] contiguous; unused unless STORE_KV
+    slot_mapping_ptr,  # [T]; unused unless STORE_KV
     positions_ptr,  # [T]
     inv_freq_ptr,  # [D // 2] float32
     num_tokens, num_q_heads, num_kv_heads, half_dim, cos_sin_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     num_tiles, NUM_PROGRAMS,
-    BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    STORE_KV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dims = tl.arange(0, BLOCK_HALF)
@@ -133,6 +139,10 @@ def _rotary_kernel(
     head_mask = (heads - num_q_heads < num_kv_heads)[None, :, None] & dim_mask[None, None, :]
     q_offsets = (heads * stride_qh)[None, :, None] + dims[None, None, :]
     k_offsets = ((heads - num_q_heads) * stride_kh)[None, :, None] + dims[None, None, :]
+    if STORE_KV:
+        # The k lanes' (head, dim) offsets inside one cache slot, and inside one v token row.
+        slot_offsets = ((heads - num_q_heads) * (2 * half_dim))[None, :, None] + dims[None, None, :]
+        v_offsets = ((heads - num_q_heads) * stride_vh)[None, :, None] + dims[None, None, :]
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tokens = tile * BLOCK_T + tile_tokens
         token_mask = tokens < num_tokens
@@ -147,8 +157,21 @@ def _rotary_kernel(
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
         # rotate_half: [x1, x2] -> [-x2, x1], so out = x * cos + rotate_half(x) * sin.
-        tl.store(ptrs, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(ptrs + half_dim, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+        y1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+        y2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+        tl.store(ptrs, y1, mask=mask)
+        tl.store(ptrs + half_dim, y2, mask=mask)
+        if STORE_KV:
+            # The k lanes of tokens with a slot (-1: not stored) go to the cache, and v's row beside them: the
+            # launch store_kvcache would otherwise need, and k is not read back from memory.
+            slots = tl.load(slot_mapping_ptr + tokens, mask=token_mask, other=-1).to(tl.int64)
+            kv_mask = mask & (slots >= 0)[:, None, None] & (heads >= num_q_heads)[None, :, None]
+            cache_offsets = (slots * num_kv_heads * (2 * half_dim))[:, None, None] + slot_offsets
+            tl.store(k_cache_ptr + cache_offsets, y1, mask=kv_mask)
+            tl.store(k_cache_ptr + cache_offsets + half_dim, y2, mask=kv_mask)
+            v_ptrs = v_ptr + rows * stride_vt + v_offsets
+            tl.store(v_cache_ptr + cache_offsets, tl.load(v_ptrs, mask=kv_mask), mask=kv_mask)
+            tl.store(v_cache_ptr + cache_offsets + half_dim, tl.load(v_ptrs + half_dim, mask=kv_mask), mask=kv_mask)
 
 
 def _check_heads(name: str, t, dtype: torch.dtype | None, device: torch.device | None) -> None:
@@ -165,6 +188,22 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     q and k may be strided views (e.g. of the fused qkv output) with a contiguous last dimension; positions [T] int;
     inv_freq [D // 2] float32 from rope_inv_freq. Angles, cos/sin and the rotation are computed in fp32.
     """
+    _check_rotary_inputs(q, k, positions, inv_freq, attention_factor)
+    _launch(q, k, None, positions, inv_freq, attention_factor, num_sms)
+
+
+def rotary_embedding_and_store_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                       inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       slot_mapping: torch.Tensor, *, attention_factor: float = 1.0,
+                                       num_sms: int | None = None) -> None:
+    """rotary_embedding(q, k, ...) then store_kvcache(k, v, k_cache, v_cache, slot_mapping) in one launch: the
+    rotated k and v [T, Hk, D] of every token whose slot is not -1 go to the paged cache (see kernels/kv_cache.py)."""
+    _check_rotary_inputs(q, k, positions, inv_freq, attention_factor)
+    check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    _launch(q, k, (v, k_cache, v_cache, slot_mapping), positions, inv_freq, attention_factor, num_sms)
+
+
+def _check_rotary_inputs(q, k, positions, inv_freq, attention_factor) -> None:
     _check_heads("q", q, None, None)
     _check_heads("k", k, q.dtype, q.device)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -179,15 +218,22 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=q.device, shape=(head_dim // 2,),
                  contiguous=True)
 
+
+def _launch(q, k, store, positions, inv_freq, attention_factor, num_sms) -> None:
+    """`store`: None, or (v, k_cache, v_cache, slot_mapping) to write the rotated k and v to the cache."""
+    num_tokens, num_q_heads, head_dim = q.shape
     block_heads = next_power_of_2(num_q_heads + k.shape[1])
     block_half = next_power_of_2(head_dim // 2)
     token_elems = block_heads * block_half
     block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // token_elems))
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, q.device)
+    # Without a store, k, q and positions stand in for the unused v, cache and slot pointers (never dereferenced).
+    v, k_cache, v_cache, slot_mapping = store if store is not None else (k, q, q, positions)
     _rotary_kernel[(grid,)](
-        q, k, positions, inv_freq, num_tokens, num_q_heads, k.shape[1], head_dim // 2, float(attention_factor),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_tiles, grid,
-        BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
+        q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq,
+        num_tokens, num_q_heads, k.shape[1], head_dim // 2, float(attention_factor),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_tiles, grid,
+        STORE_KV=store is not None, BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
         num_warps=min(8, max(1, block_t * token_elems // 512)),
     )

@@ -1,6 +1,7 @@
 """Tile tables, one per backend: compiled CUDA kernels get tiles chosen for the GPU (within the target's shared-memory
 limit, with a reduction order that depends on the problem's fixed dimensions only), the CPU interpreter gets tiles
 chosen by its per-program cost model. Every launcher takes its tile shapes from here."""
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -85,6 +86,7 @@ def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k:
     return tiles * (_TILE_COST + steps * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST)))
 
 
+@functools.cache  # the search costs ~5 ms, and a model has a handful of GEMM shapes per batch size
 def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
     """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the
     interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant."""
@@ -94,6 +96,12 @@ def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
                   and bk <= max(16, next_power_of_2(k))]
     block_n, block_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
     return GemmConfig(block_m, block_n, block_k)
+
+
+# The MLP's SwiGLU as the down projection's prologue (gemm(..., silu_mul=True)) saves the interpreter a launch per
+# layer; compiled, its fp32 gate/up tiles spill registers on sm_80 (bf16, Qwen3-8B's down projection), so CUDA runs
+# silu_and_mul and the GEMM as two kernels until the fused one is measured on a GPU.
+SILU_MUL_PROLOGUE = INTERPRET
 
 
 def weight_pack(itemsize: int, aligned: bool) -> int:

@@ -1,11 +1,11 @@
-"""Paged attention for one decoder layer: stores the batch's new k/v in the cache, then runs the prefill kernel on the
-prefill/extend tokens and the decode kernel on the decode tokens of the same flattened batch."""
+"""Paged attention for one decoder layer, once the batch's new k/v are in the cache (the rotary kernel stores them):
+the prefill kernel on the prefill/extend tokens and the decode kernel on the decode tokens of the same flattened
+batch."""
 from dataclasses import dataclass
 
 import torch
 
 from minidu.kernels.decode_attention import decode_attention
-from minidu.kernels.kv_cache import store_kvcache
 from minidu.kernels.prefill_attention import prefill_attention
 
 
@@ -30,13 +30,13 @@ class AttentionMetadata:
         return self.slot_mapping.shape[0] - self.num_prefill_tokens
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    attn: AttentionMetadata, *, scale: float, num_sms: int | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hk, D] (strided views of the fused qkv output) -> out [T, Hq, D] contiguous."""
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMetadata, *,
+                    scale: float, num_sms: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D] (a strided view of the fused qkv output) -> out [T, Hq, D] contiguous, over caches that already
+    hold every token's k/v."""
     num_prefill = attn.num_prefill_tokens
     assert 0 <= num_prefill <= q.shape[0] == attn.slot_mapping.shape[0]
     assert attn.decode_seq_lens.shape[0] == q.shape[0] - num_prefill
-    store_kvcache(k, v, k_cache, v_cache, attn.slot_mapping, num_sms=num_sms)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_prefill > 0:
         prefill_attention(q[:num_prefill], k_cache, v_cache, attn.cu_seqlens_q, attn.prefill_seq_lens,

