@@ -100,3 +100,25 @@ def test_duet_policy_splits_and_keeps_the_tokens(checkpoint, tmp_path):
     multiplexed = [p for p in plans if isinstance(p, MultiplexedPlan)]
     assert multiplexed and max(p.k for p in multiplexed) > 1
     assert all(p.num_sms_prefill + p.num_sms_decode <= 16 for p in multiplexed)
+
+
+def test_eager_multiplexed_plan_launches_prefill_and_decode_on_their_own_lanes(checkpoint):
+    """Without CUDA graphs (enforce_eager, or the CPU) a multiplexed plan still puts its decode steps and its prefill
+    on two lanes (streams on CUDA) with their own budgets, and gives the aggregated tokens."""
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = run(make_engine(checkpoint, max_num_batched_tokens=8), greedy)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, enforce_eager=True)
+    engine.policy = LookaheadPolicy(k=2)
+    runner = engine.executor
+    launches = []
+    forward = runner.forward_and_sample
+
+    def recording(inputs, num_sms):
+        launches.append((runner.current_lane, num_sms))
+        return forward(inputs, num_sms)
+
+    runner.forward_and_sample = recording
+    assert run(engine, greedy) == expected
+    assert ("decode", 5) in launches and ("prefill", 3) in launches
+    assert {lane for lane, _ in launches} <= {"decode", "prefill"}
+    assert all(sms == {"decode": 5, "prefill": 3}[lane] for lane, sms in launches)
