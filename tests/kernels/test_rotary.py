@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 
 from minidu.kernels import rotary
 from minidu.kernels.rotary import rope_inv_freq, rotary_embedding
+from tests.conftest import DEVICE
 
 # After the fp32 angle, the kernel's fp32 cos/sin and rotation are within a few fp32 ulps of float64; fp16 adds one
 # rounding of the result (2**-11 relative).
@@ -111,9 +112,9 @@ def reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
 def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype, max_pos, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = hk * ratio
-    qkv = torch.randn(t, (hq + 2 * hk) * d + 3, generator=gen).to(dtype)
-    positions = torch.randint(0, max_pos, (t,), generator=gen, dtype=pos_dtype)
-    inv_freq = rope_inv_freq(d, 10000.0, None)
+    qkv = torch.randn(t, (hq + 2 * hk) * d + 3, generator=gen).to(DEVICE, dtype)
+    positions = torch.randint(0, max_pos, (t,), generator=gen, dtype=pos_dtype).to(DEVICE)
+    inv_freq = rope_inv_freq(d, 10000.0, None).to(DEVICE)
     q, k = qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
     expected_q, expected_k = reference(q, positions, inv_freq), reference(k, positions, inv_freq)
     before, again = qkv.clone(), qkv.clone()

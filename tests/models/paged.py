@@ -72,4 +72,5 @@ class PagedRunner:
         ids, positions = (torch.tensor(x, device=self.model.device) for x in (tokens, positions))
         hidden = self.model.forward(ids, positions, attn, self.kv_caches,
                                     num_sms=self.num_sms)
-        return self.model.compute_logits(hidden, num_sms=self.num_sms), rows
+        # Logits come back on the CPU, where the tests' references live.
+        return self.model.compute_logits(hidden, num_sms=self.num_sms).cpu(), rows
