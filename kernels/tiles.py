@@ -161,9 +161,12 @@ def cuda_decode_num_warps(head_dim_pad: int) -> int:
 
 
 def cuda_prefill_tiles_within_registers(group_pad: int, head_dim_pad: int, itemsize: int) -> PrefillTiles:
-    """cuda_prefill_tiles in half precision with 8 warps, and 32-key steps from head_dim 128 on: with 4 warps or
-    64-key steps those tiles spilled registers (sm_80 at head_dim 128 still spills 56 bytes). fp32 keeps its tiles."""
+    """cuda_prefill_tiles in half precision with 8 warps, and from head_dim 128 on 64 query rows and 32-key steps: the
+    128-row, 64-key or 4-warp tiles spilled registers there on sm_90 or sm_80 (8 to 3500 bytes). fp32 keeps its
+    tiles."""
     tiles = cuda_prefill_tiles(group_pad, head_dim_pad, itemsize)
     if itemsize == 4:
         return tiles
-    return PrefillTiles(tiles.block_m, 32 if head_dim_pad >= 128 else tiles.block_n, 8, tiles.num_stages)
+    if head_dim_pad >= 128:
+        return PrefillTiles(max(1, 64 // group_pad), 32, 8, tiles.num_stages)
+    return PrefillTiles(tiles.block_m, tiles.block_n, 8, tiles.num_stages)

@@ -4,7 +4,8 @@ sm_90 and sm_80: each must compile, fit the target's shared memory, and (in half
 By default a representative subset (three presets, bf16) runs; MINIDU_HYPOTHESIS_PROFILE=thorough compiles every
 preset in bf16, fp16 and fp32. The variants compile in a child process (tests/kernels/aot.py) that imports Triton
 before minidu can switch the interpreter on, since interpreted library functions (tl.max, tl.sum) do not compile.
-Triton's cache makes reruns fast."""
+Triton's cache makes reruns fast. fp32 variants must compile within shared memory but may spill: fp32 runs ieee dots
+on CUDA cores, only when float32 is asked for on a GPU, where correctness rather than speed is the point."""
 import json
 import os
 import subprocess
@@ -25,9 +26,6 @@ SUBSET = ("qwen3-8b", "qwen2.5-0.5b", "llama-3.2-1b")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32) if THOROUGH else (torch.bfloat16,)
 SHAPES = [p for p in preset_shapes() if THOROUGH or p.name in SUBSET]
 ROOT = Path(__file__).resolve().parents[2]
-# Variants that still spill registers in bf16/fp16: on sm_80, prefill at head_dim 128 (56 bytes with 8 warps and 32-key
-# steps; every tile tried spills there). Listed so that the test fails both on a new spill and once one is fixed.
-KNOWN_SPILLS = {90: set(), 80: {"prefill-qwen3-8b-g4-d128"}}
 
 
 def _variant(name: str, kernel: str, dtype: torch.dtype, capability: int, constexprs: dict, num_warps: int,
@@ -96,7 +94,4 @@ def test_cuda_variants_compile_within_limits(dtype, capability):
         elif dtype != torch.float32 and r["spills"]:
             spilled.add(v["name"].rsplit("-", 2)[0])
     assert not failures, "\n".join(failures)
-    if dtype == torch.bfloat16 and not THOROUGH:
-        assert spilled == KNOWN_SPILLS[capability]
-    else:
-        assert spilled <= KNOWN_SPILLS[capability], spilled - KNOWN_SPILLS[capability]
+    assert not spilled, f"register spills in {sorted(spilled)}"
