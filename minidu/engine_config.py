@@ -252,7 +252,8 @@ def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: Hardware
     weights = (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
         c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
         + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
-    split = MemorySplit(int(memory), cfg.gpu_memory_utilization, weights * dtype.itemsize, _activation_bytes(cfg, c, dtype))
+    split = MemorySplit(int(memory), cfg.gpu_memory_utilization, weights * dtype.itemsize,
+                        _activation_bytes(cfg, c, dtype))
     return kv_blocks_of_split(split, cfg, c, dtype)
 
 

@@ -61,6 +61,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int | None], "DecodeGraph"] = {}
         self.prefill_lane, self.decode_lane = Lane("prefill", device), Lane("decode", device)
         self.current_lane: str | None = None  # the lane work is being launched on (None: the main stream)
+        self.graph_capture: dict | None = None  # graphs, seconds and bytes of the start-up capture
         if self.use_cuda_graph:
             self.graph_pool = torch.cuda.graph_pool_handle()  # decode graphs never replay at once: share memory
             self.capture_graphs()
@@ -80,9 +81,10 @@ class ModelRunner:
             self.graphs[batch, budget] = DecodeGraph(self, batch, budget)
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d decode graphs (%d batch buckets x budgets %s) in %.1f s, using %.2f GiB",
+        self.graph_capture = {"graphs": len(self.graphs), "seconds": time.perf_counter() - start, "bytes": used}
+        logger.info("captured %d decode graphs (%d batch buckets x budgets %s, 0 = all SMs) in %.1f s, using %.2f GiB",
                     len(self.graphs), len(self.graph_buckets), sorted({s or 0 for _, s in self.graph_keys}),
-                    time.perf_counter() - start, used / 2**30)
+                    self.graph_capture["seconds"], used / 2**30)
 
     @contextlib.contextmanager
     def _on(self, lane: Lane):

@@ -51,7 +51,8 @@ def pytest_counts(output: str) -> dict[str, int]:
                          if output.strip() else "")
     if summary:
         return {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in summary}
-    progress = "".join(line.split(" [")[0] for line in output.splitlines() if re.fullmatch(r"[.FEsxX]+( +\[ *\d+%\])?", line))
+    progress = "".join(line.split(" [")[0] for line in output.splitlines()
+                       if re.fullmatch(r"[.FEsxX]+( +\[ *\d+%\])?", line))
     return {k: progress.count(c) for k, c in (("passed", "."), ("failed", "F"), ("error", "E"), ("skipped", "s"))}
 
 
@@ -66,7 +67,8 @@ def kernel_cases(ctx) -> list:
                 bk.rotary_case(3, heads, d, dev), bk.store_case(5, heads, d, dev),
                 bk.embedding_case(4, 100, 64, d, dev), bk.sampling_case(2, 300, d, dev)]
     h = QWEN3_8B_HEADS
-    return [bk.gemm_case("qwen3-8b.qkv", 1, 4096, 6144, d, dev), bk.gemm_case("qwen3-8b.gate_up", 64, 4096, 24576, d, dev),
+    return [bk.gemm_case("qwen3-8b.qkv", 1, 4096, 6144, d, dev),
+            bk.gemm_case("qwen3-8b.gate_up", 64, 4096, 24576, d, dev),
             bk.gemm_case("qwen3-8b.down", 2048, 12288, 4096, d, dev), bk.decode_case(16, 4096, h, d, dev),
             bk.decode_case(3, 300, h, d, dev), bk.prefill_case(1024, h, d, dev), bk.rmsnorm_case(256, 4096, d, dev),
             bk.silu_case(256, 12288, d, dev), bk.rotary_case(256, h, d, dev), bk.store_case(256, h, d, dev),
@@ -143,11 +145,13 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, **options) -
         plans.append(result.plan)
         done |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
     split = [p for p in plans if isinstance(p, MultiplexedPlan)]
+    graphs = getattr(engine.executor, "graph_capture", None)
     del engine
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"tokens": [done[i] for i in ids], "steps": len(plans), "multiplexed_steps": len(split),
-            "max_k": max([p.k for p in split], default=1), "decode_budgets": sorted({p.num_sms_decode for p in split})}
+            "max_k": max([p.k for p in split], default=1), "decode_budgets": sorted({p.num_sms_decode for p in split}),
+            "graph_capture": graphs}
 
 
 def part_engine(ctx) -> None:
@@ -196,7 +200,7 @@ def _arg_sets(ctx, case) -> list[dict]:
 def copy_bandwidth(ctx) -> float:
     """Bytes per second of a device-to-device copy (read + write) of a buffer far larger than L2."""
     n = (1 << 20) if ctx.dry else (1 << 30)
-    src, dst = torch.empty(n, dtype=torch.uint8, device=ctx.device), torch.empty(n, dtype=torch.uint8, device=ctx.device)
+    src, dst = (torch.empty(n, dtype=torch.uint8, device=ctx.device) for _ in range(2))
     ms = timer(ctx)(lambda a: dst.copy_(src), [{}])
     return 2 * n / (ms / 1e3)
 
@@ -369,11 +373,13 @@ def part_serving(ctx) -> None:
                                                                        "hardware": split["hardware"]}
                                                                       if policy == "duet" else
                                                                       {"hardware": split["hardware"]}))
+            kv_blocks, graphs = engine.scheduler.block_manager.num_blocks, engine.executor.graph_capture
             run = run_workload(engine, specs)
             results[policy] = serving_metrics(
                 run.outputs, [s.mode for s in run.steps], ttft_slo_ms=2000.0, tbt_slo_ms=split["tbt_slo_ms"],
                 policy=policy, step_durations=[s.end - s.start for s in run.steps],
                 step_predictions=[s.predicted for s in run.steps])
+            results[policy] |= {"kv_blocks": kv_blocks, "graph_capture": graphs}
             del engine, run
             gc.collect()
             ctx.save(results=results, summary="; ".join(
