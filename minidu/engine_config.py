@@ -45,8 +45,9 @@ class EngineConfig:
     backend: str = "gpu"  # gpu: run the model; sim: the latency model on a virtual clock
     hardware: str | None = None  # h100 | h200 | a100 | a profile JSON; None: the CUDA device's, H200 in simulation
     decode_sms: int | None = None  # the static policy's decode SMs; None: the decode_sms_choices entry nearest half
-    # The SM budgets decode may run on when prefill and decode are split: CUDA graphs are captured for exactly these
-    # (and the whole GPU) at start-up. None: the multiples of min(16, num_sms // 8) below num_sms (16..128 on 132 SMs).
+    # The SM budgets decode may run on when prefill and decode are split: with a splitting policy (static, duet) or when
+    # given, CUDA graphs are captured for exactly these (and the whole GPU) at start-up, and no other decode budget
+    # runs. None: the multiples of min(16, num_sms // 8) below num_sms (16, 32, ..., 128 on 132 SMs).
     decode_sms_choices: tuple[int, ...] | None = None
     allow_long_max_model_len: bool = False  # max_model_len above max_position_embeddings (vLLM's override)
 
@@ -327,7 +328,8 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
         executor = ModelRunner(model, model_config, num_kv_blocks=num_blocks, block_size=cfg.block_size,
                                max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len, device=device, dtype=dtype,
                                use_cuda_graph=not cfg.enforce_eager,
-                               decode_sms_choices=choices if cfg.policy in ("static", "duet") else ())
+                               decode_sms_choices=choices if cfg.policy in ("static", "duet") or cfg.decode_sms_choices
+                               else ())
     logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
                 cfg.backend, hw.name if sim else f"{device}{' (Triton interpreter)' if INTERPRET else ''}", dtype,
                 num_blocks, cfg.block_size, max_model_len, cfg.policy)

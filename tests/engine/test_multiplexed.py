@@ -10,10 +10,12 @@ from tests.engine.test_engine import make_engine
 from tests.models.checkpoints import write_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]
+LOOKAHEAD_OPTIONS = dict(decode_sms_choices=(5,))
 
 
 class LookaheadPolicy:
-    """Always multiplexed: prefill on 3 programs, k decode steps on 5."""
+    """Always multiplexed: prefill on 3 programs, k decode steps on 5 (engines running it on CUDA graphs need
+    decode_sms_choices=(5,), LOOKAHEAD_OPTIONS)."""
 
     name = "test-lookahead"
 
@@ -43,7 +45,7 @@ def run(engine: minidu.Engine, params) -> list[list[int]]:
 ], ids=["greedy", "seeded"])
 def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
     expected = run(make_engine(checkpoint, max_num_batched_tokens=8), params)
-    engine = make_engine(checkpoint, max_num_batched_tokens=8)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, **LOOKAHEAD_OPTIONS)
     engine.policy = LookaheadPolicy(k=3)
     ks = []
     ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params if isinstance(params, list) else [params] * 4)]
@@ -64,7 +66,7 @@ def test_lookahead_stops_at_stop_token_and_max_tokens(checkpoint):
     stop = full[0][2]
     params = [SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop]),
               SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), greedy, greedy]
-    engine = make_engine(checkpoint)
+    engine = make_engine(checkpoint, **LOOKAHEAD_OPTIONS)
     engine.policy = LookaheadPolicy(k=4)
     outs = engine.generate(PROMPTS, params, use_tqdm=False)
     assert outs[0].token_ids == full[0][:full[0].index(stop) + 1] and outs[0].finish_reason == "stop"
