@@ -71,8 +71,8 @@ def test_simulated_sizing_leaves_room_for_weights():
 
 
 def test_default_decode_budgets():
-    assert default_decode_sms_choices(132) == (16, 32, 48, 64, 80, 96, 112, 128)
-    assert default_decode_sms_choices(108) == (13, 26, 39, 52, 65, 78, 91, 104)
+    assert default_decode_sms_choices(132) == tuple(range(8, 129, 8))
+    assert default_decode_sms_choices(108) == tuple(range(8, 105, 8))
     assert default_decode_sms_choices(16) == (2, 4, 6, 8, 10, 12, 14)
     assert default_decode_sms_choices(1) == ()
 
@@ -86,7 +86,7 @@ def test_budget_set_and_policies():
     assert 66 in decode_sms_choices(EngineConfig("x", policy="static", decode_sms=66), 132)
     duet = EngineConfig("x", policy="duet", tbt_slo_ms=50)
     policy = make_policy(duet, latency, 132, decode_sms_choices(duet, 132))
-    assert isinstance(policy, DuetPolicy) and policy.granularity == 16
+    assert isinstance(policy, DuetPolicy) and policy.granularity == 8
     odd = EngineConfig("x", policy="duet", tbt_slo_ms=50, decode_sms_choices=(16, 40))
     with pytest.raises(ValueError, match="decode_sms_choices"):
         make_policy(odd, latency, 132, decode_sms_choices(odd, 132))
@@ -107,7 +107,7 @@ def checkpoint(tmp_path_factory):
 def test_runner_knows_its_graphs_and_refuses_other_budgets(checkpoint):
     engine = make_engine(checkpoint, policy="static", hardware="h200", max_num_seqs=8)
     runner = engine.executor
-    budgets = [None, 16, 32, 48, 64, 80, 96, 112, 128]
+    budgets = [None, *range(8, 129, 8)]
     assert runner.graph_keys == [(b, s) for s in budgets for b in (1, 2, 4, 8)]
     with pytest.raises(RuntimeError, match="no CUDA graph was captured .* 40 SMs"):
         runner._graph(4, 40)
