@@ -5,8 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
+from minidu.kernels.kv_cache import allocate_kv_cache
 from minidu.kernels.platform import INTERPRET
+from minidu.kernels.sampling import sample
 from minidu.model_runner import ModelRunner
+from minidu.models.attention import AttentionMetadata
 from minidu.models.config import ModelConfig
 from minidu.models.loader import build_model, resolve_dtype, resolve_model
 from minidu.scheduler.block_manager import BlockManager
@@ -197,10 +200,6 @@ def profile_peak_activation(model, cfg: EngineConfig, model_config: ModelConfig,
                             dtype: torch.dtype) -> int:
     """Bytes a forward pass at max_num_batched_tokens (one prompt, every row sampled up to max_num_seqs) allocates
     at its peak beyond what is allocated now, measured on a scratch KV cache just large enough for it."""
-    from minidu.kernels.kv_cache import allocate_kv_cache
-    from minidu.kernels.sampling import sample
-    from minidu.models.attention import AttentionMetadata
-
     tokens = cfg.max_num_batched_tokens
     blocks = -(-tokens // cfg.block_size)
     torch.cuda.synchronize(device)

@@ -148,7 +148,8 @@ def generate(model: str, prompts: list[list[int]], max_tokens: int, **options) -
     graphs = getattr(engine.executor, "graph_capture", None)
     del engine
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"tokens": [done[i] for i in ids], "steps": len(plans), "multiplexed_steps": len(split),
             "max_k": max([p.k for p in split], default=1), "decode_budgets": sorted({p.num_sms_decode for p in split}),
             "graph_capture": graphs}
