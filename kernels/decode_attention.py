@@ -9,7 +9,7 @@ import triton.language as tl
 
 from minidu.kernels.kv_cache import check_paged_attention_inputs
 from minidu.kernels import tiles as tile_table
-from minidu.kernels.utils import INTERPRET, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.utils import INTERPRET, check_tensor, index_dtype_is_wide, next_power_of_2, num_programs
 
 LOG2E = math.log2(math.e)
 
@@ -36,30 +36,32 @@ def _decode_split_kernel(
     num_seqs, num_kv_heads, kv_tiles, num_splits, NUM_PROGRAMS,
     GROUP: tl.constexpr, KV_PER_TILE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
+    # Index math in int64 only where it must be (see index_dtype_is_wide in kernels/utils.py): int32 otherwise, which
+    # keeps the compiled kernel's registers from spilling.
+    IDX: tl.constexpr = tl.int64 if WIDE_INDEX else tl.int32
     pid = tl.program_id(0)
     # Only splits that hold keys of the batch's longest context get tiles: the grid is sized for the block tables'
     # capacity (fixed under CUDA graphs), the work follows the real contexts, whatever the SM budget.
     seqs = tl.arange(0, SEQS_PAD)
     longest = tl.max(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0)
     active_splits = tl.minimum(tl.maximum((longest + partition_size - 1) // partition_size, 1), num_splits)
-    num_tiles = tl.cast(num_seqs, tl.int64) * kv_tiles * active_splits
+    num_tiles = tl.cast(num_seqs, IDX) * kv_tiles * active_splits
     # A tile serves KV_PER_TILE kv heads and the GROUP query heads sharing each (padded to BLOCK_H >= 16 rows for
     # tl.dot), so each K/V tile is loaded once per kv head. Its key columns are KV_PER_TILE strips of BLOCK_N keys,
     # one per kv head, and a row only scores the strip of its own kv head (a block-diagonal mask; all-true with one
     # kv head per tile, as on CUDA). Padding rows borrow the last kv head so that no row is masked out entirely.
-    # int64 indices: cache offsets can pass 2**31 elements, and see the interpreter notes in kernels/utils.py.
-    rows = tl.arange(0, BLOCK_H).to(tl.int64)
+    rows = tl.arange(0, BLOCK_H).to(IDX)
     row_kv = tl.minimum(rows // GROUP, KV_PER_TILE - 1)
-    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(IDX)
     col_kv = cols // BLOCK_N
     col_keys = cols % BLOCK_N
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
-    last_kv = tl.cast(num_kv_heads, tl.int64) - 1
+    last_kv = tl.cast(num_kv_heads, IDX) - 1
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        tile_id = tl.cast(tile, tl.int64)
+        tile_id = tl.cast(tile, IDX)
         split = tile_id % active_splits
         head_tile = tile_id // active_splits
         first_kv = (head_tile % kv_tiles) * KV_PER_TILE
@@ -84,7 +86,7 @@ def _decode_split_kernel(
             keys = n_start + col_keys
             key_mask = (keys < kv_end) & head_mask
             # Padding entries of the block table lie past seq_len and are never loaded.
-            block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+            block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(IDX)
             offset = keys % BLOCK_SIZE
             k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
                         + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, COLS]
@@ -121,20 +123,20 @@ def _decode_merge_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     partition_size, num_heads, head_blocks, num_tiles, NUM_PROGRAMS,
-    BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
+    IDX: tl.constexpr = tl.int64 if WIDE_INDEX else tl.int32
     pid = tl.program_id(0)
-    # int64 indices: see the interpreter notes in kernels/utils.py.
     dims = tl.arange(0, HEAD_DIM_PAD)
-    block_heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)
+    block_heads = tl.arange(0, BLOCK_HEADS).to(IDX)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        tile_id = tl.cast(tile, tl.int64)
+        tile_id = tl.cast(tile, IDX)
         req = tile_id // head_blocks
         heads = (tile_id % head_blocks) * BLOCK_HEADS + block_heads
         head_mask = heads < num_heads
         io_mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
         # The request's own splits, merged in order: the sum never sees the empty splits of longer requests.
-        splits = (tl.load(seq_lens_ptr + req).to(tl.int64) + partition_size - 1) // partition_size
+        splits = (tl.load(seq_lens_ptr + req).to(IDX) + partition_size - 1) // partition_size
         lse_ptrs = partial_lse_ptr + req * stride_lb + heads * stride_lh
         out_ptrs = partial_out_ptr + req * stride_pb + heads[:, None] * stride_ph + dims[None, :]
         lse_max = tl.full([BLOCK_HEADS], float("-inf"), tl.float32)
@@ -207,6 +209,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     grid = num_programs(num_seqs * kv_tiles * num_splits, num_sms, q.device)
     # With one split the merge would multiply by exp2(0) = 1 and divide by 1: storing directly is bitwise the same.
     single_split = num_splits == 1
+    wide = index_dtype_is_wide(q, k_cache, v_cache, partial_out, block_tables)
     _decode_split_kernel[(grid,)](
         q, k_cache, v_cache, partial_out, partial_lse, out, seq_lens, block_tables,
         q.stride(0), q.stride(1),
@@ -221,7 +224,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, KV_PER_TILE=kv_per_tile, BLOCK_H=max(16, next_power_of_2(kv_per_tile * group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SEQS_PAD=next_power_of_2(num_seqs),
-        SINGLE_SPLIT=single_split, num_warps=tiles.num_warps,
+        SINGLE_SPLIT=single_split, WIDE_INDEX=wide,
+        num_warps=tiles.num_warps if INTERPRET else tile_table.cuda_decode_num_warps(head_dim_pad),
     )
     if single_split:
         return out
@@ -236,7 +240,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial_lse.stride(0), partial_lse.stride(1),
         out.stride(0), out.stride(1),
         tiles.partition_size, num_heads, head_blocks, merge_tiles, merge_grid,
-        BLOCK_HEADS=merge_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_HEADS=merge_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, WIDE_INDEX=wide,
         num_warps=4,
     )
     return out

@@ -7,8 +7,9 @@ import triton
 import triton.language as tl
 
 from minidu.kernels.kv_cache import check_paged_attention_inputs
-from minidu.kernels.tiles import kv_heads_per_tile, prefill_tiles
-from minidu.kernels.utils import INDEX_DTYPES, check_tensor, next_power_of_2, num_programs
+from minidu.kernels.tiles import cuda_prefill_tiles_within_registers, kv_heads_per_tile, prefill_tiles
+from minidu.kernels.utils import (INDEX_DTYPES, INTERPRET, check_tensor, index_dtype_is_wide, next_power_of_2,
+                                  num_programs)
 
 LOG2E = math.log2(math.e)
 
@@ -31,39 +32,41 @@ def _prefill_attention_kernel(
     num_seqs, num_kv_heads, kv_tiles, num_tiles, NUM_PROGRAMS,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_PER_TILE: tl.constexpr, SEQS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
+    # Index math in int64 only where it must be (see index_dtype_is_wide in kernels/utils.py): int32 otherwise, which
+    # keeps the compiled kernel's registers from spilling.
+    IDX: tl.constexpr = tl.int64 if WIDE_INDEX else tl.int32
     pid = tl.program_id(0)
     # One tile row per (new token, query head of the tile's KV_PER_TILE kv heads), heads fastest: the K/V tiles are
     # loaded once for all GROUP query heads that share them. Key columns are KV_PER_TILE strips of BLOCK_N keys, one
     # per kv head, and a row only scores its own kv head's strip (a block-diagonal mask; all-true with one kv head
     # per tile, as on CUDA). Rows of padding kv heads borrow the last real one so no row is masked out entirely.
-    # int64 indices: cache offsets can pass 2**31 elements, and see the interpreter notes in kernels/utils.py.
-    rows = tl.arange(0, BLOCK_M * KV_PER_TILE * GROUP_PAD).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M * KV_PER_TILE * GROUP_PAD).to(IDX)
     row_tok = rows // (KV_PER_TILE * GROUP_PAD)
     row_kv = (rows // GROUP_PAD) % KV_PER_TILE
     row_head = rows % GROUP_PAD
-    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, KV_PER_TILE * BLOCK_N).to(IDX)
     col_kv = cols // BLOCK_N
     col_keys = cols % BLOCK_N
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
-    seqs = tl.arange(0, SEQS_PAD).to(tl.int64)
+    seqs = tl.arange(0, SEQS_PAD).to(IDX)
     seq_mask = seqs < num_seqs
-    last_kv = tl.cast(num_kv_heads, tl.int64) - 1
+    last_kv = tl.cast(num_kv_heads, IDX) - 1
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
-        tile_id = tl.cast(tile, tl.int64)
+        tile_id = tl.cast(tile, IDX)
         slot = tile_id // kv_tiles
         first_kv = (tile_id % kv_tiles) * KV_PER_TILE
         # Request b owns q-block slots cu_seqlens_q[b] // BLOCK_M + b + [0, cdiv(q_len_b, BLOCK_M)); these ranges
         # are disjoint and increasing in b, so the owner of `slot` is the last request whose first slot is <= slot.
         first_slots = tl.load(cu_seqlens_q_ptr + seqs, mask=seq_mask, other=0) // BLOCK_M + seqs
-        req = tl.sum(((first_slots <= slot) & seq_mask).to(tl.int64), 0) - 1
-        q_start = tl.load(cu_seqlens_q_ptr + req).to(tl.int64)
-        q_len = tl.load(cu_seqlens_q_ptr + req + 1).to(tl.int64) - q_start
+        req = tl.sum(((first_slots <= slot) & seq_mask).to(IDX), 0) - 1
+        q_start = tl.load(cu_seqlens_q_ptr + req).to(IDX)
+        q_len = tl.load(cu_seqlens_q_ptr + req + 1).to(IDX) - q_start
         q_block = slot - (q_start // BLOCK_M + req)
         if q_block * BLOCK_M < q_len:
-            seq_len = tl.load(seq_lens_ptr + req).to(tl.int64)
+            seq_len = tl.load(seq_lens_ptr + req).to(IDX)
             tok = q_block * BLOCK_M + row_tok
             pos = seq_len - q_len + tok
             head = (first_kv + row_kv) * GROUP + row_head
@@ -86,7 +89,7 @@ def _prefill_attention_kernel(
                 keys = kv_start + col_keys
                 key_mask = (keys < kv_end) & head_mask
                 # Padding entries of the block table lie past seq_len and are never loaded.
-                block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+                block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(IDX)
                 offset = keys % BLOCK_SIZE
                 k_mask = key_mask[None, :] & dim_mask[:, None]
                 k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
@@ -131,7 +134,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = num_heads // num_kv_heads
     group_pad, head_dim_pad = next_power_of_2(group), max(16, next_power_of_2(head_dim))
     kv_per_tile = kv_heads_per_tile(num_kv_heads)
-    tiles = prefill_tiles(group_pad, head_dim_pad, q.element_size(), kv_per_tile)
+    tiles = (prefill_tiles(group_pad, head_dim_pad, q.element_size(), kv_per_tile) if INTERPRET else
+             cuda_prefill_tiles_within_registers(group_pad, head_dim_pad, q.element_size()))
     # The number of q-blocks per request depends on data in cu_seqlens_q; reading it would sync the host with the
     # GPU and break CUDA-graph capture. Instead every request gets slots from the shape-derived bound
     # T // BLOCK_M + B (see the kernel), and the at most B slots nobody owns exit at once.
@@ -151,6 +155,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WIDE_INDEX=index_dtype_is_wide(q, out, k_cache, v_cache, block_tables),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -158,3 +158,23 @@ def cuda_prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int) -> Pref
     # fp32 K/V tiles are twice as large, so fewer of them fit in shared memory for pipelining.
     return PrefillTiles(block_m=block_m, block_n=64 if itemsize < 4 else 32, num_warps=num_warps,
                         num_stages=2 if itemsize == 4 else 3)
+
+
+# ---- register pressure: tiles the ahead-of-time compile test (tests/kernels/test_aot_compile.py) found to spill ----
+
+def cuda_decode_num_warps(head_dim_pad: int) -> int:
+    """Warps of a compiled decode-attention tile: 8 from head_dim 128 on, where 4 spilled registers on sm_90 and
+    sm_80 (the [16, 128] fp32 accumulator beside the K and V tiles' pointers)."""
+    return 8 if head_dim_pad >= 128 else 4
+
+
+def cuda_prefill_tiles_within_registers(group_pad: int, head_dim_pad: int, itemsize: int) -> PrefillTiles:
+    """cuda_prefill_tiles in half precision with 8 warps, and from head_dim 128 on 64 query rows and 32-key steps: the
+    128-row, 64-key or 4-warp tiles spilled registers there on sm_90 or sm_80 (8 to 3500 bytes). fp32 keeps its
+    tiles."""
+    tiles = cuda_prefill_tiles(group_pad, head_dim_pad, itemsize)
+    if itemsize == 4:
+        return tiles
+    if head_dim_pad >= 128:
+        return PrefillTiles(max(1, 64 // group_pad), 32, 8, tiles.num_stages)
+    return PrefillTiles(tiles.block_m, tiles.block_n, 8, tiles.num_stages)

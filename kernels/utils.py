@@ -19,6 +19,13 @@ CPU_NUM_SMS = 1
 #   index math runs in int64 (int64 aranges, tl.cast of loop indices) and tile counts come from the host.
 
 
+def index_dtype_is_wide(*tensors: torch.Tensor) -> bool:
+    """A kernel's WIDE_INDEX: int64 index math in the interpreter (see the notes above), or where an offset into one of
+    `tensors` may reach 2**31 (every unmasked lane's offset is below its tensor's element count); compiled kernels
+    otherwise index in int32, which needs fewer registers (with int64 the attention kernels spilled)."""
+    return INTERPRET or any(t.numel() >= 2**31 for t in tensors)
+
+
 @functools.cache
 def device_num_sms(device_index: int = 0) -> int:
     """Number of SMs of a CUDA device (or CPU_NUM_SMS where kernels are interpreted)."""

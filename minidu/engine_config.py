@@ -5,13 +5,17 @@ from dataclasses import dataclass
 
 import torch
 
+from minidu.kernels.kv_cache import allocate_kv_cache
 from minidu.kernels.platform import INTERPRET
+from minidu.kernels.sampling import sample
 from minidu.model_runner import ModelRunner
+from minidu.models.attention import AttentionMetadata
 from minidu.models.config import ModelConfig
 from minidu.models.loader import build_model, resolve_dtype, resolve_model
 from minidu.scheduler.block_manager import BlockManager
 from minidu.kernels.utils import device_num_sms
 from minidu.scheduler.hardware import HardwareProfile, load_profile
+from minidu.scheduler.partition import default_decode_sms_choices
 from minidu.scheduler.policy import POLICIES, AggregatedPolicy, DuetPolicy, PrefillFirstPolicy, StaticPolicy
 from minidu.scheduler.roofline import LatencyModel, ModelShape
 from minidu.scheduler.sim_executor import SimulatedExecutor
@@ -44,7 +48,11 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     backend: str = "gpu"  # gpu: run the model; sim: the latency model on a virtual clock
     hardware: str | None = None  # h100 | h200 | a100 | a profile JSON; None: the CUDA device's, H200 in simulation
-    decode_sms: int | None = None  # the static policy's decode SMs; None: half
+    decode_sms: int | None = None  # the static policy's decode SMs; None: the decode_sms_choices entry nearest half
+    # The SM budgets decode may run on when prefill and decode are split: with a splitting policy (static, duet) or when
+    # given, CUDA graphs are captured for exactly these (and the whole GPU) at start-up, and no other decode budget
+    # runs. None: the multiples of min(8, num_sms // 8) below num_sms (8, 16, ..., 128 on 132 SMs).
+    decode_sms_choices: tuple[int, ...] | None = None
     allow_long_max_model_len: bool = False  # max_model_len above max_position_embeddings (vLLM's override)
 
     def __post_init__(self):
@@ -56,6 +64,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if self.decode_sms_choices is not None:
+            choices = self.decode_sms_choices
+            if (not isinstance(choices, (tuple, list)) or not choices
+                    or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in choices)):
+                raise ValueError(f"decode_sms_choices must be None or a non-empty sequence of ints >= 1, got {choices!r}")
+            self.decode_sms_choices = tuple(sorted(set(choices)))
         if self.backend not in ("gpu", "sim"):
             raise ValueError(f"backend must be 'gpu' (run the model) or 'sim' (simulate it), got {self.backend!r}")
         if self.policy not in POLICIES:
@@ -150,19 +164,82 @@ def _blocks_in(available: float, cfg: EngineConfig, model_config: ModelConfig, d
     return blocks
 
 
-def num_kv_blocks_for(cfg: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """`num_kv_blocks`, or what fits in gpu_memory_utilization of the device after weights and activations."""
+@dataclass(frozen=True, slots=True)
+class MemorySplit:
+    """How a device's memory is shared out (bytes): `total * gpu_memory_utilization` is the engine's, of which `used`
+    is taken after loading (weights, plus whatever else the process or others hold), `peak_activation` is the peak of
+    a forward pass at max_num_batched_tokens, and the rest goes to the KV cache."""
+
+    total: int
+    utilization: float
+    used: int
+    peak_activation: int
+
+    @property
+    def kv_cache(self) -> int:
+        return int(self.total * self.utilization) - self.used - self.peak_activation
+
+    def describe(self) -> str:
+        gib = 2 ** 30
+        return (f"{self.total / gib:.1f} GiB x {self.utilization} = {self.total * self.utilization / gib:.1f} GiB: "
+                f"{self.used / gib:.2f} GiB in use after loading, {self.peak_activation / gib:.2f} GiB peak "
+                f"activations, {self.kv_cache / gib:.2f} GiB KV cache")
+
+
+def kv_blocks_of_split(split: MemorySplit, cfg: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """The KV blocks that fit the split's KV share; logs the split."""
+    blocks = _blocks_in(split.kv_cache, cfg, model_config, dtype)
+    logger.info("memory: %s (%d blocks of %d tokens)", split.describe(), blocks, cfg.block_size)
+    return blocks
+
+
+def profile_peak_activation(model, cfg: EngineConfig, model_config: ModelConfig, device: torch.device,
+                            dtype: torch.dtype) -> int:
+    """Bytes a forward pass at max_num_batched_tokens (one prompt, every row sampled up to max_num_seqs) allocates
+    at its peak beyond what is allocated now, measured on a scratch KV cache just large enough for it."""
+    tokens = cfg.max_num_batched_tokens
+    blocks = -(-tokens // cfg.block_size)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    caches = allocate_kv_cache(model_config.num_hidden_layers, blocks, cfg.block_size,
+                               model_config.num_key_value_heads, model_config.head_dim, dtype, device)
+    i32 = dict(dtype=torch.int32, device=device)
+    positions = torch.arange(tokens, device=device)
+    empty = torch.zeros(0, **i32)
+    attn = AttentionMetadata(positions.to(torch.int32), tokens, torch.tensor([0, tokens], **i32),
+                             torch.tensor([tokens], **i32), torch.arange(blocks, **i32)[None], empty,
+                             torch.zeros(0, blocks, **i32))
+    hidden = model.forward(torch.zeros(tokens, dtype=torch.int64, device=device), positions, attn, caches, None)
+    rows = min(tokens, cfg.max_num_seqs)
+    logits = model.compute_logits(hidden[-rows:], None)
+    ones = torch.ones(rows, device=device)
+    sample(logits, ones, torch.zeros(rows, **i32), ones, torch.zeros(rows, dtype=torch.int64, device=device),
+           torch.zeros(rows, dtype=torch.int64, device=device))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del caches, hidden, logits
+    torch.cuda.empty_cache()
+    return peak
+
+
+def num_kv_blocks_for(cfg: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                      model) -> int:
+    """`num_kv_blocks`, or, with the weights loaded, what gpu_memory_utilization of the device leaves after what is in
+    use and the peak of a profiled forward pass (vLLM's order: load, profile, then size the KV cache)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     if device.type != "cuda":
         return CPU_NUM_KV_BLOCKS
+    peak = profile_peak_activation(model, cfg, model_config, device, dtype)
     free, total = torch.cuda.mem_get_info(device)
-    available = free - total * (1 - cfg.gpu_memory_utilization) - _activation_bytes(cfg, model_config, dtype)
-    return _blocks_in(available, cfg, model_config, dtype)
+    return kv_blocks_of_split(MemorySplit(total, cfg.gpu_memory_utilization, total - free, peak), cfg,
+                              model_config, dtype)
 
 
 def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: HardwareProfile, dtype: torch.dtype) -> int:
-    """The KV blocks the simulated GPU would hold: its memory times gpu_memory_utilization, less weights and activations."""
+    """The KV blocks the simulated GPU would hold: its memory times gpu_memory_utilization, less the weights and a bound
+    on the activations."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     memory = hw.memory_bytes
@@ -172,8 +249,9 @@ def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: Hardware
     weights = (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
         c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
         + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
-    available = memory * cfg.gpu_memory_utilization - weights * dtype.itemsize - _activation_bytes(cfg, c, dtype)
-    return _blocks_in(available, cfg, c, dtype)
+    split = MemorySplit(int(memory), cfg.gpu_memory_utilization, weights * dtype.itemsize,
+                        _activation_bytes(cfg, c, dtype))
+    return kv_blocks_of_split(split, cfg, c, dtype)
 
 
 def model_shape(c: ModelConfig, dtype: torch.dtype) -> ModelShape:
@@ -195,6 +273,18 @@ def hardware_profile(cfg: EngineConfig, device: torch.device) -> HardwareProfile
     return None
 
 
+def decode_sms_choices(cfg: EngineConfig, num_sms: int) -> tuple[int, ...]:
+    """The decode budgets graphs are captured for: `decode_sms_choices` (or the default), plus the static policy's
+    `decode_sms` when it is given; each must leave prefill at least one SM."""
+    choices = set(cfg.decode_sms_choices or default_decode_sms_choices(num_sms))
+    if cfg.policy == "static" and cfg.decode_sms is not None:
+        choices.add(cfg.decode_sms)
+    bad = sorted(c for c in choices if c >= num_sms)
+    if bad and cfg.policy in ("static", "duet"):
+        raise ValueError(f"decode_sms_choices {bad} leave prefill no SM of the {num_sms}")
+    return tuple(sorted(c for c in choices if c < num_sms))
+
+
 def build_parts(cfg: EngineConfig) -> EngineParts:
     sim = cfg.backend == "sim"
     device = torch.device("cpu") if sim else resolve_device(cfg.device)
@@ -202,10 +292,19 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
     check_max_model_len(cfg, model_config)
     dtype = resolve_dtype(cfg.dtype, model_config) if sim else engine_dtype(cfg.dtype, model_config, device)
     hw = hardware_profile(cfg, device)
+    num_sms = hw.num_sms if hw is not None else device_num_sms()
+    choices = decode_sms_choices(cfg, num_sms)
+    latency = LatencyModel(model_shape(model_config, dtype), hw) if hw is not None else None
+    policy = make_policy(cfg, latency, num_sms, choices)
     if sim:
         num_blocks = sim_num_kv_blocks(cfg, model_config, hw, dtype)
+        model = tokenizer = None
     else:
-        num_blocks = num_kv_blocks_for(cfg, model_config, device, dtype)
+        # The weights first, then the KV cache in what they and a peak forward pass leave.
+        model = build_model(path, model_config, dtype=dtype, device=device, load_format=cfg.load_format,
+                            seed=cfg.seed)
+        num_blocks = num_kv_blocks_for(cfg, model_config, device, dtype, model)
+        tokenizer = Tokenizer.from_path(str(path)) if path else None
     capacity = num_blocks * cfg.block_size
     max_model_len = cfg.max_model_len or min(model_config.max_position_embeddings, capacity)
     if max_model_len > capacity:
@@ -213,25 +312,22 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
                          f"{cfg.block_size} tokens = {capacity}); lower it or give more KV blocks")
     scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len),
                           BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching))
-    latency = LatencyModel(model_shape(model_config, dtype), hw) if hw is not None else None
-    num_sms = hw.num_sms if hw is not None else device_num_sms()
-    policy = make_policy(cfg, latency, num_sms)
     if sim:
         executor = SimulatedExecutor(latency, hw.num_sms, model_config.vocab_size)
-        tokenizer = None
     else:
-        model = build_model(path, model_config, dtype=dtype, device=device, load_format=cfg.load_format,
-                            seed=cfg.seed)
         executor = ModelRunner(model, model_config, num_kv_blocks=num_blocks, block_size=cfg.block_size,
                                max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len, device=device, dtype=dtype,
-                               use_cuda_graph=not cfg.enforce_eager)
-        tokenizer = Tokenizer.from_path(str(path)) if path else None
+                               use_cuda_graph=not cfg.enforce_eager,
+                               decode_sms_choices=choices if cfg.policy in ("static", "duet") or cfg.decode_sms_choices
+                               else ())
     logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
-                cfg.backend, hw.name if sim else f"{device}{' (Triton interpreter)' if INTERPRET else ''}", dtype, num_blocks, cfg.block_size, max_model_len, cfg.policy)
+                cfg.backend, hw.name if sim else f"{device}{' (Triton interpreter)' if INTERPRET else ''}", dtype,
+                num_blocks, cfg.block_size, max_model_len, cfg.policy)
     return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len, latency, num_sms)
 
 
-def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int):
+def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int, choices: tuple[int, ...]):
+    """The policy of `cfg`; split policies may only give decode a budget in `choices` (the captured graphs')."""
     if cfg.policy == "aggregated":
         return AggregatedPolicy()
     if cfg.policy == "prefill-first":
@@ -239,8 +335,11 @@ def make_policy(cfg: EngineConfig, latency: LatencyModel | None, num_sms: int):
     if latency is None:
         raise ValueError(f"policy {cfg.policy!r} needs a latency model: pass hardware= (h100, h200, a100 or a "
                          f"profile JSON) on this device")
+    if not choices:
+        raise ValueError(f"policy {cfg.policy!r} needs decode_sms_choices below the GPU's {num_sms} SMs")
     if cfg.policy == "static":
-        return StaticPolicy(latency, num_sms, cfg.decode_sms or num_sms // 2)
+        decode_sms = cfg.decode_sms or min(choices, key=lambda c: abs(c - num_sms / 2))
+        return StaticPolicy(latency, num_sms, decode_sms, decode_sms_choices=choices)
     if cfg.tbt_slo_ms is None:
         raise ValueError("policy 'duet' needs tbt_slo_ms, the time-between-tokens objective")
-    return DuetPolicy(latency, num_sms, cfg.tbt_slo_ms / 1e3)
+    return DuetPolicy(latency, num_sms, cfg.tbt_slo_ms / 1e3, decode_sms_choices=choices)

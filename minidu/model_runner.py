@@ -1,37 +1,99 @@
 """Carries out execution plans on the model: builds each step's metadata on the host, copies it to the device in one
-transfer, runs the forward pass and samples. On CUDA, decode steps replay captured CUDA graphs, and a multiplexed plan
-runs its prefill batch and its k look-ahead decode steps on two streams with disjoint SM budgets."""
+transfer, runs the forward pass and samples. A multiplexed plan runs its prefill batch and its k look-ahead decode steps
+on two lanes (CUDA streams) with disjoint SM budgets, with or without CUDA graphs; on CUDA, decode steps replay graphs
+captured at start-up for every (batch bucket, decode budget)."""
+import contextlib
+import logging
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from minidu.kernels.embedding import embedding
 from minidu.kernels.kv_cache import allocate_kv_cache
 from minidu.kernels.sampling import sample
+from minidu.kernels.utils import device_num_sms
 from minidu.models.config import ModelConfig
 from minidu.scheduler.plan import AggregatedPlan, MultiplexedPlan, Plan, ScheduledChunk, StepOutput
 from minidu.step_inputs import DecodeInputs, StepInputs, build_decode_inputs, build_step_inputs
 
+logger = logging.getLogger("minidu")
+
 _GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class Lane:
+    """Where a part of a plan is launched: its own CUDA stream, or on the CPU the host, where interpreted kernels run
+    synchronously, so the lanes of a multiplexed plan run one after the other."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+def _mark(device: torch.device):
+    """A point in the work launched so far on the current stream: a recorded CUDA event, or the host's time."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class ModelRunner:
     def __init__(self, model, config: ModelConfig, *, num_kv_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, device: torch.device, dtype: torch.dtype, use_cuda_graph: bool):
+                 max_model_len: int, device: torch.device, dtype: torch.dtype, use_cuda_graph: bool,
+                 decode_sms_choices: tuple[int, ...] = ()):
         self.model, self.config = model, config
         self.device, self.block_size = device, block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches = allocate_kv_cache(config.num_hidden_layers, num_kv_blocks, block_size,
                                            config.num_key_value_heads, config.head_dim, dtype, device)
+        self.num_sms = device_num_sms(device.index or 0) if device.type == "cuda" else None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.graph_buckets = [b for b in _GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        # Aggregated decode steps run on every SM (None); split steps on one of the policy's decode budgets.
+        budgets = [None] + [s for s in sorted(set(decode_sms_choices)) if self._budget(s) is not None]
+        self.graph_keys = [(b, s) for s in budgets for b in self.graph_buckets]
         self.graphs: dict[tuple[int, int | None], "DecodeGraph"] = {}
+        self.prefill_lane, self.decode_lane = Lane("prefill", device), Lane("decode", device)
+        self.current_lane: str | None = None  # the lane work is being launched on (None: the main stream)
+        self.graph_capture: dict | None = None  # graphs, seconds and bytes of the start-up capture
         if self.use_cuda_graph:
-            self.prefill_stream, self.decode_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
             self.graph_pool = torch.cuda.graph_pool_handle()  # decode graphs never replay at once: share memory
+            self.capture_graphs()
 
     def clock(self) -> float:
         return time.perf_counter()
+
+    def _budget(self, num_sms: int | None) -> int | None:
+        """The graph key of an SM budget: None for the whole GPU, however it was asked for."""
+        return None if num_sms is None or (self.num_sms is not None and num_sms >= self.num_sms) else num_sms
+
+    def capture_graphs(self) -> None:
+        """Captures every (batch bucket, decode budget) graph now, so that no step stops to capture one."""
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        for batch, budget in tqdm(self.graph_keys, desc="capturing decode graphs", unit="graph"):
+            self.graphs[batch, budget] = DecodeGraph(self, batch, budget)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.graph_capture = {"graphs": len(self.graphs), "seconds": time.perf_counter() - start, "bytes": used}
+        logger.info("captured %d decode graphs (%d batch buckets x budgets %s, 0 = all SMs) in %.1f s, using %.2f GiB",
+                    len(self.graphs), len(self.graph_buckets), sorted({s or 0 for _, s in self.graph_keys}),
+                    self.graph_capture["seconds"], used / 2**30)
+
+    @contextlib.contextmanager
+    def _on(self, lane: Lane):
+        previous, self.current_lane = self.current_lane, lane.name
+        try:
+            with lane.context():
+                yield
+        finally:
+            self.current_lane = previous
 
     # ---- one forward pass over a mixed batch ----
 
@@ -49,10 +111,6 @@ class ModelRunner:
         out = StepOutput()
         if isinstance(plan, AggregatedPlan):
             self._aggregated(out, plan.chunks, plan.num_sms)
-        elif not self.use_cuda_graph:
-            if plan.decode:
-                self._decode_eager(out, plan.decode, plan.k, plan.num_sms_decode)
-            self._aggregated(out, plan.prefill, plan.num_sms_prefill)
         else:
             self._multiplexed(out, plan)
         return out
@@ -61,10 +119,7 @@ class ModelRunner:
         if not chunks:
             return
         if all(c.is_decode for c in chunks):
-            if self.use_cuda_graph:
-                self._collect_graph(out, chunks, *self._launch_graph(chunks, 1, num_sms, torch.cuda.current_stream()))
-            else:
-                self._decode_eager(out, chunks, 1, num_sms)
+            self._collect_decode(out, chunks, *self._launch_decode(chunks, 1, num_sms))
             return
         inputs = build_step_inputs(chunks, self.block_size, self.device)
         tokens = self.forward_and_sample(inputs, num_sms).tolist()
@@ -73,23 +128,27 @@ class ModelRunner:
             out.add(seq_id, [token], [now])
 
     def _multiplexed(self, out: StepOutput, plan: MultiplexedPlan) -> None:
-        """Prefill on `num_sms_prefill` SMs while k decode steps run on `num_sms_decode` others; one sync at the end."""
-        main = torch.cuda.current_stream()
-        self.prefill_stream.wait_stream(main)
-        self.decode_stream.wait_stream(main)
-        decode = self._launch_graph(plan.decode, plan.k, plan.num_sms_decode, self.decode_stream) if plan.decode else None
+        """Prefill on `num_sms_prefill` SMs while k decode steps run on `num_sms_decode` others, each on its own lane
+        (graphs or not); one sync at the end."""
+        if self.device.type == "cuda":
+            main = torch.cuda.current_stream()
+            self.prefill_lane.stream.wait_stream(main)
+            self.decode_lane.stream.wait_stream(main)
+        decode = None
+        if plan.decode:
+            with self._on(self.decode_lane):
+                decode = self._launch_decode(plan.decode, plan.k, plan.num_sms_decode)
         if plan.prefill:
-            with torch.cuda.stream(self.prefill_stream):  # the inputs' copy must be ordered on this stream too
+            with self._on(self.prefill_lane):  # the inputs' copy must be ordered on this lane too
                 inputs = build_step_inputs(plan.prefill, self.block_size, self.device)
                 prefill_tokens = self.forward_and_sample(inputs, plan.num_sms_prefill)
-                prefill_done = torch.cuda.Event(enable_timing=True)
-                prefill_done.record()
-        main.wait_stream(self.prefill_stream)
-        main.wait_stream(self.decode_stream)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
+                prefill_done = _mark(self.device)
+        if self.device.type == "cuda":
+            main.wait_stream(self.prefill_lane.stream)
+            main.wait_stream(self.decode_lane.stream)
+        end = _mark(self.device)
         if decode is not None:
-            self._collect_graph(out, plan.decode, *decode, end)
+            self._collect_decode(out, plan.decode, *decode, end)
         if plan.prefill:
             tokens = prefill_tokens.tolist()
             times = _event_times([prefill_done], end)
@@ -103,28 +162,23 @@ class ModelRunner:
         width = self.max_blocks_per_seq if self.use_cuda_graph else None
         return build_decode_inputs(chunks, k, padded, width, self.block_size, self.device)
 
-    def _decode_eager(self, out: StepOutput, chunks: list[ScheduledChunk], k: int, num_sms: int | None) -> None:
-        """k decode steps, each step's tokens fed to the next on the device (interpreted runs are synchronous)."""
+    def _launch_decode(self, chunks: list[ScheduledChunk], k: int, num_sms: int | None) -> tuple[torch.Tensor, list]:
+        """Launches k decode steps on the current stream without host synchronisation (graph replays, or eager
+        forward passes); returns (tokens [k, B] on the device, a mark after each step)."""
         inputs = self._decode_inputs(chunks, k)
-        input_ids, rows, times = inputs.input_ids, [], []
+        if self.use_cuda_graph:
+            return self._graph(self._bucket(len(chunks)), num_sms).run(inputs, k)
+        input_ids, rows, marks = inputs.input_ids, [], []
         for i in range(k):
             input_ids = self.forward_and_sample(inputs.step(i, input_ids), num_sms)
             rows.append(input_ids)
-            times.append(time.perf_counter())
-        tokens = torch.stack(rows).T.tolist()
-        for c, row in zip(chunks, tokens):
-            out.add(c.seq.seq_id, row, times)
+            marks.append(_mark(self.device))
+        return torch.stack(rows), marks
 
-    def _launch_graph(self, chunks: list[ScheduledChunk], k: int, num_sms: int | None, stream):
-        """Launches k graph replays without host synchronisation; returns (tokens [k, B] on device, step events)."""
-        graph = self._graph(self._bucket(len(chunks)), num_sms)
-        with torch.cuda.stream(stream):
-            return graph.run(self._decode_inputs(chunks, k), k)
-
-    def _collect_graph(self, out: StepOutput, chunks: list[ScheduledChunk], tokens: torch.Tensor, events,
-                       end=None) -> None:
+    def _collect_decode(self, out: StepOutput, chunks: list[ScheduledChunk], tokens: torch.Tensor, marks,
+                        end=None) -> None:
         rows = tokens[:, :len(chunks)].T.tolist()
-        times = _event_times(events, end)
+        times = _event_times(marks, end)
         for c, row in zip(chunks, rows):
             out.add(c.seq.seq_id, row, times)
 
@@ -132,15 +186,20 @@ class ModelRunner:
         return next(b for b in self.graph_buckets if b >= batch)
 
     def _graph(self, batch: int, num_sms: int | None) -> "DecodeGraph":
-        key = (batch, num_sms)
+        key = (batch, self._budget(num_sms))
         if key not in self.graphs:
-            self.graphs[key] = DecodeGraph(self, batch, num_sms)
+            budgets = sorted({s for _, s in self.graph_keys if s is not None})
+            raise RuntimeError(f"no CUDA graph was captured for a decode batch of {batch} on {num_sms} SMs: graphs "
+                               f"exist for the whole GPU and decode budgets {budgets} (decode_sms_choices); the "
+                               f"policy chose a budget outside them")
         return self.graphs[key]
 
 
 def _event_times(events: list, end=None) -> list[float]:
-    """Host-clock times of recorded CUDA events, from how long before `end` (default: the last of them) each fired;
-    `end` itself is taken to fire about when the host sees it."""
+    """Host-clock times of marks: host times as they are; CUDA events from how long before `end` (default: the last
+    of them) each fired, `end` itself taken to fire about when the host sees it."""
+    if not events or isinstance(events[0], float):
+        return list(events)
     end = end or events[-1]
     end.synchronize()
     now = time.perf_counter()
@@ -154,7 +213,7 @@ class DecodeGraph:
     that step's row into the buffers and replays, feeding the sampled tokens to the next step on the device.
     """
 
-    def __init__(self, runner: ModelRunner, batch: int, num_sms: int | None):
+    def __init__(self, runner: "ModelRunner", batch: int, num_sms: int | None):
         self.runner, self.batch = runner, batch
         blank = build_decode_inputs([], 1, batch, runner.max_blocks_per_seq, runner.block_size, runner.device)
         self.static = blank.step(0, blank.input_ids)

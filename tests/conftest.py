@@ -26,3 +26,10 @@ DEVICE = torch.device("cpu" if minidu.INTERPRET else "cuda")
 def device() -> torch.device:
     """The device kernel tests put their tensors on (a session fixture, so hypothesis tests may take it)."""
     return DEVICE
+
+
+def to_device(t: torch.Tensor) -> torch.Tensor:
+    """`t` on DEVICE with its strides kept (a strided view stays strided): itself when already there."""
+    if t.device == DEVICE:
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)

@@ -10,10 +10,12 @@ from tests.engine.helpers import make_engine
 from tests.models.checkpoints import write_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]
+LOOKAHEAD_OPTIONS = dict(decode_sms_choices=(5,))
 
 
 class LookaheadPolicy:
-    """Always multiplexed: prefill on 3 programs, k decode steps on 5."""
+    """Always multiplexed: prefill on 3 programs, k decode steps on 5 (engines running it on CUDA graphs need
+    decode_sms_choices=(5,), LOOKAHEAD_OPTIONS)."""
 
     name = "test-lookahead"
 
@@ -43,7 +45,7 @@ def run(engine: minidu.Engine, params) -> list[list[int]]:
 ], ids=["greedy", "seeded"])
 def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
     expected = run(make_engine(checkpoint, max_num_batched_tokens=8), params)
-    engine = make_engine(checkpoint, max_num_batched_tokens=8)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, **LOOKAHEAD_OPTIONS)
     engine.policy = LookaheadPolicy(k=3)
     ks = []
     ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params if isinstance(params, list) else [params] * 4)]
@@ -64,7 +66,7 @@ def test_lookahead_stops_at_stop_token_and_max_tokens(checkpoint):
     stop = full[0][2]
     params = [SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop]),
               SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), greedy, greedy]
-    engine = make_engine(checkpoint)
+    engine = make_engine(checkpoint, **LOOKAHEAD_OPTIONS)
     engine.policy = LookaheadPolicy(k=4)
     outs = engine.generate(PROMPTS, params, use_tqdm=False)
     assert outs[0].token_ids == full[0][:full[0].index(stop) + 1] and outs[0].finish_reason == "stop"
@@ -100,3 +102,25 @@ def test_duet_policy_splits_and_keeps_the_tokens(checkpoint, tmp_path):
     multiplexed = [p for p in plans if isinstance(p, MultiplexedPlan)]
     assert multiplexed and max(p.k for p in multiplexed) > 1
     assert all(p.num_sms_prefill + p.num_sms_decode <= 16 for p in multiplexed)
+
+
+def test_eager_multiplexed_plan_launches_prefill_and_decode_on_their_own_lanes(checkpoint):
+    """Without CUDA graphs (enforce_eager, or the CPU) a multiplexed plan still puts its decode steps and its prefill
+    on two lanes (streams on CUDA) with their own budgets, and gives the aggregated tokens."""
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = run(make_engine(checkpoint, max_num_batched_tokens=8), greedy)
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, enforce_eager=True)
+    engine.policy = LookaheadPolicy(k=2)
+    runner = engine.executor
+    launches = []
+    forward = runner.forward_and_sample
+
+    def recording(inputs, num_sms):
+        launches.append((runner.current_lane, num_sms))
+        return forward(inputs, num_sms)
+
+    runner.forward_and_sample = recording
+    assert run(engine, greedy) == expected
+    assert ("decode", 5) in launches and ("prefill", 3) in launches
+    assert {lane for lane, _ in launches} <= {"decode", "prefill"}
+    assert all(sms == {"decode": 5, "prefill": 3}[lane] for lane, sms in launches)

@@ -13,6 +13,7 @@ import minidu
 from minidu import SamplingParams
 from minidu.models import load_model
 from minidu.models.gguf_loader import read_gguf
+from tests.conftest import DEVICE
 from tests.engine.helpers import TEMPLATE
 from tests.models.checkpoints import STORIES260K, write_checkpoint
 from tests.models.gguf_files import Q, expected_config, smollm2_path, tiny_hf_state, write_gguf
@@ -45,8 +46,8 @@ def test_gguf_logits_equal_safetensors_of_the_same_weights(tmp_path, arch, head_
         state = {k: v.astype(np.float16).astype(np.float32) if v.ndim > 1 else v for k, v in state.items()}
     gguf_file = write_gguf(tmp_path / "m.gguf", arch, state, qtype, head_dim)
     st_dir = write_safetensors(tmp_path / "st", arch, state, head_dim)
-    from_gguf = prefill_logits(load_model(str(gguf_file), dtype="float32", device="cpu")[0], PROMPT)
-    from_st = prefill_logits(load_model(str(st_dir), dtype="float32", device="cpu")[0], PROMPT)
+    from_gguf = prefill_logits(load_model(str(gguf_file), dtype="float32", device=DEVICE)[0], PROMPT)
+    from_st = prefill_logits(load_model(str(st_dir), dtype="float32", device=DEVICE)[0], PROMPT)
     assert torch.equal(from_gguf, from_st)
 
 
@@ -61,7 +62,7 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, qtype):
     state = tiny_hf_state("llama", 16, tied=False)
     config = expected_config("llama", 16, tied=False)
     gguf_file = write_gguf(tmp_path / "m.gguf", "llama", state, qtype, 16)
-    got = prefill_logits(load_model(str(gguf_file), dtype="float32", device="cpu")[0], PROMPT).double()
+    got = prefill_logits(load_model(str(gguf_file), dtype="float32", device=DEVICE)[0], PROMPT).double()
     dequantized = dict(read_gguf(gguf_file)[1])
     ref = reference_logits(config, dequantized, PROMPT)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())

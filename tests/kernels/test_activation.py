@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from minidu.kernels.activation import silu_and_mul
 from minidu.kernels import tiles as tile_table
+from tests.conftest import DEVICE
 
 # fp32 math then one rounding to the output dtype: a few fp32 ulps, or half an fp16 ulp plus that.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-4),
@@ -24,8 +25,8 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 def test_matches_reference(t, inter, dtype, scale, pad_x, pad_out, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     # Scale 30 drives exp(-gate) to overflow for very negative gates: silu must still give -0, not NaN.
-    x = (scale * torch.randn(t, 2 * inter + pad_x, generator=gen)).to(dtype)[:, : 2 * inter]
-    out = torch.full((t, inter + pad_out), float("nan"), dtype=dtype)[:, :inter]
+    x = (scale * torch.randn(t, 2 * inter + pad_x, generator=gen)).to(DEVICE, dtype)[:, : 2 * inter]
+    out = torch.full((t, inter + pad_out), float("nan"), dtype=dtype, device=DEVICE)[:, :inter]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile_table, "TILE_ELEMS", tiles[0])
         mp.setattr(tile_table, "TILE_COLS", tiles[1])

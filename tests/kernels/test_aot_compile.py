@@ -4,7 +4,8 @@ sm_90 and sm_80: each must compile, fit the target's shared memory, and (in half
 By default a representative subset (three presets, bf16) runs; MINIDU_HYPOTHESIS_PROFILE=thorough compiles every
 preset in bf16, fp16 and fp32. The variants compile in a child process (tests/kernels/aot.py) that imports Triton
 before minidu can switch the interpreter on, since interpreted library functions (tl.max, tl.sum) do not compile.
-Triton's cache makes reruns fast."""
+Triton's cache makes reruns fast. fp32 variants must compile within shared memory but may spill: fp32 runs ieee dots
+on CUDA cores, only when float32 is asked for on a GPU, where correctness rather than speed is the point."""
 import json
 import os
 import subprocess
@@ -25,14 +26,6 @@ SUBSET = ("qwen3-8b", "qwen2.5-0.5b", "llama-3.2-1b")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32) if THOROUGH else (torch.bfloat16,)
 SHAPES = [p for p in preset_shapes() if THOROUGH or p.name in SUBSET]
 ROOT = Path(__file__).resolve().parents[2]
-# Attention variants that still spill registers in bf16 (found by this test, not yet fixed: the int64 index math the
-# interpreter wants also runs compiled). Listed so that the test fails both on a new spill and once one is fixed.
-KNOWN_SPILLS = {
-    90: {"decode-qwen3-8b-g4-d128-singleTrue", "decode-qwen3-8b-g4-d128-singleFalse", "prefill-qwen3-8b-g4-d128",
-         "prefill-llama-3.2-1b-g4-d64", "prefill-qwen2.5-0.5b-g7-d64"},
-    80: {"decode-qwen3-8b-g4-d128-singleTrue", "decode-qwen3-8b-g4-d128-singleFalse", "prefill-qwen3-8b-g4-d128",
-         "decode-llama-3.2-1b-g4-d64-singleTrue", "prefill-llama-3.2-1b-g4-d64", "prefill-qwen2.5-0.5b-g7-d64"},
-}
 
 
 def _variant(name: str, kernel: str, dtype: torch.dtype, capability: int, constexprs: dict, num_warps: int,
@@ -65,16 +58,17 @@ def attention_variants(dtype: torch.dtype, capability: int) -> list[dict]:
         name, pad, group_pad = f"{shape.name}-g{group}-d{d}", max(16, triton.next_power_of_2(d)), \
             triton.next_power_of_2(group)
         t = tiles.CUDA_DECODE_TILES
-        p = tiles.cuda_prefill_tiles(group_pad, pad, dtype.itemsize)
+        p = tiles.cuda_prefill_tiles_within_registers(group_pad, pad, dtype.itemsize)
         out[group, d] = [_variant(f"decode-{name}-single{single}", "decode_split", dtype, capability, dict(
             GROUP=group, KV_PER_TILE=1, BLOCK_H=max(16, group_pad), BLOCK_SIZE=16, HEAD_DIM=d, HEAD_DIM_PAD=pad,
-            BLOCK_N=t.block_n, DOT_PRECISION=precision, SEQS_PAD=256, SINGLE_SPLIT=single), t.num_warps, 3)
+            BLOCK_N=t.block_n, DOT_PRECISION=precision, SEQS_PAD=256, SINGLE_SPLIT=single, WIDE_INDEX=False),
+            tiles.cuda_decode_num_warps(pad), 3)
             for single in (True, False)] + [
             _variant(f"merge-{name}", "decode_merge", dtype, capability,
-                     dict(BLOCK_HEADS=1, HEAD_DIM=d, HEAD_DIM_PAD=pad), 4, 3),
+                     dict(BLOCK_HEADS=1, HEAD_DIM=d, HEAD_DIM_PAD=pad, WIDE_INDEX=False), 4, 3),
             _variant(f"prefill-{name}", "prefill", dtype, capability, dict(
                 GROUP=group, GROUP_PAD=group_pad, KV_PER_TILE=1, SEQS_PAD=256, BLOCK_SIZE=16, HEAD_DIM=d,
-                HEAD_DIM_PAD=pad, BLOCK_M=p.block_m, BLOCK_N=p.block_n, DOT_PRECISION=precision),
+                HEAD_DIM_PAD=pad, BLOCK_M=p.block_m, BLOCK_N=p.block_n, DOT_PRECISION=precision, WIDE_INDEX=False),
                 p.num_warps, p.num_stages)]
     return [v for vs in out.values() for v in vs]
 
@@ -100,7 +94,4 @@ def test_cuda_variants_compile_within_limits(dtype, capability):
         elif dtype != torch.float32 and r["spills"]:
             spilled.add(v["name"].rsplit("-", 2)[0])
     assert not failures, "\n".join(failures)
-    if dtype == torch.bfloat16 and not THOROUGH:
-        assert spilled == KNOWN_SPILLS[capability]
-    else:
-        assert spilled <= KNOWN_SPILLS[capability], spilled - KNOWN_SPILLS[capability]
+    assert not spilled, f"register spills in {sorted(spilled)}"

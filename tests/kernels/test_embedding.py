@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from minidu.kernels.embedding import embedding
 from minidu.kernels import tiles as tile_table
+from tests.conftest import DEVICE
 
 
 @given(t=st.sampled_from([0, 1, 2, 5, 13, 31]), vocab=st.sampled_from([1, 7, 50, 1000]),
@@ -15,9 +16,9 @@ from minidu.kernels import tiles as tile_table
        seed=st.integers(0, 2**31 - 1))
 def test_gathers_rows(t, vocab, hidden, dtype, ids_dtype, pad, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, hidden + pad, generator=gen).to(dtype)[:, :hidden]
-    ids = torch.randint(0, vocab, (t,), generator=gen, dtype=ids_dtype)
-    out = torch.full((t, hidden), float("nan"), dtype=dtype)
+    weight = torch.randn(vocab, hidden + pad, generator=gen).to(DEVICE, dtype)[:, :hidden]
+    ids = torch.randint(0, vocab, (t,), generator=gen, dtype=ids_dtype).to(DEVICE)
+    out = torch.full((t, hidden), float("nan"), dtype=dtype, device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile_table, "TILE_ELEMS", tiles[0])
         mp.setattr(tile_table, "TILE_COLS", tiles[1])

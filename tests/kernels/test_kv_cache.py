@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from minidu.kernels.kv_cache import allocate_kv_cache, store_kvcache
 from minidu.kernels import tiles as tile_table
+from tests.conftest import DEVICE
 
 
 def random_slots(t: int, num_slots: int, skip_prob: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -23,11 +24,11 @@ def test_stores_fused_qkv_views_into_slots(t, hk, d, block_size, dtype, slot_dty
     gen = torch.Generator().manual_seed(seed)
     hq = 2 * hk
     num_blocks = max(1, -(-(t + 3) // block_size))
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(dtype)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(DEVICE, dtype)
     k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
     v = qkv[:, (hq + hk) * d:].view(t, hk, d)
-    slots = random_slots(t, num_blocks * block_size, skip_prob, gen, slot_dtype)
-    caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype) for _ in range(4)]
+    slots = random_slots(t, num_blocks * block_size, skip_prob, gen, slot_dtype).to(DEVICE)
+    caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile_table, "TILE_ELEMS", tiles)
         store_kvcache(k, v, caches[0], caches[1], slots, num_sms=num_sms)
@@ -37,7 +38,7 @@ def test_stores_fused_qkv_views_into_slots(t, hk, d, block_size, dtype, slot_dty
         flat = cache.view(-1, hk, d)
         block_ids, offsets = slots[stored].long() // block_size, slots[stored].long() % block_size
         assert torch.equal(cache[block_ids, offsets], src[stored])
-        untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+        untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=DEVICE)
         untouched[slots[stored].long()] = False
         assert flat[untouched].isnan().all()
     for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):

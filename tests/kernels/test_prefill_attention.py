@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidu.kernels.prefill_attention import prefill_attention
+from tests.conftest import DEVICE
 
 # fp32 runs tl.dot in IEEE precision; fp16/bf16 round the softmax weights to the input dtype before the PV product.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -27,7 +28,7 @@ def prefill_cases(draw, max_context: int = 64, max_new: int = 40):
     )
 
 
-def build_batch(case: dict, dtype: torch.dtype, device: str = "cpu") -> dict:
+def build_batch(case: dict, dtype: torch.dtype, device: torch.device = DEVICE) -> dict:
     """Random q and a paged cache with shuffled blocks. Every cache slot no request owns holds NaN and every unused
     block-table entry is -1, so reading either would poison the output."""
     gen = torch.Generator().manual_seed(case["seed"])
@@ -90,7 +91,7 @@ def test_matches_reference(dtype, case, num_sms):
     out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
 
 
 @settings(max_examples=4)

@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from minidu.kernels.rmsnorm import rms_norm
 from minidu.kernels import tiles as tile_table
+from tests.conftest import DEVICE
 
 # The kernel rounds the normalised row to the activation dtype before the weight multiply (HF order) and rounds the
 # product again, so fp16 may be off by about two fp16 ulps (2 * 2**-11 relative) from the unrounded reference.
@@ -25,7 +26,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def strided_rows(t: int, h: int, dtype: torch.dtype, gen: torch.Generator, pad: int) -> torch.Tensor:
     """x [t, h] whose rows sit `pad` elements apart from each other inside a wider buffer."""
-    return torch.randn(t, h + pad, generator=gen).to(dtype)[:, pad // 2: pad // 2 + h]
+    return torch.randn(t, h + pad, generator=gen).to(DEVICE, dtype)[:, pad // 2: pad // 2 + h]
 
 
 @given(t=tokens, h=hiddens, dtype=dtypes, pad=st.sampled_from([0, 5]), eps=st.sampled_from([1e-6, 1e-5, 0.1]),
@@ -33,8 +34,8 @@ def strided_rows(t: int, h: int, dtype: torch.dtype, gen: torch.Generator, pad: 
 def test_matches_reference(t, h, dtype, pad, eps, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     x = strided_rows(t, h, dtype, gen, pad)
-    weight = (1 + 0.5 * torch.randn(h, generator=gen)).to(dtype)
-    out = torch.full((t, h), float("nan"), dtype=dtype)
+    weight = (1 + 0.5 * torch.randn(h, generator=gen)).to(DEVICE, dtype)
+    out = torch.full((t, h), float("nan"), dtype=dtype, device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile_table, "TILE_ELEMS", tiles)
         result = rms_norm(x, weight, eps, num_sms=num_sms, out=out)
@@ -49,8 +50,8 @@ def test_matches_reference(t, h, dtype, pad, eps, num_sms, tiles, seed):
 def test_fused_residual(t, h, dtype, pad, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     x = strided_rows(t, h, dtype, gen, pad)
-    residual = torch.randn(t, h, generator=gen).to(dtype)
-    weight = torch.randn(h, generator=gen).to(dtype)
+    residual = torch.randn(t, h, generator=gen).to(DEVICE, dtype)
+    weight = torch.randn(h, generator=gen).to(DEVICE, dtype)
     x_before, residual_before = x.clone(), residual.clone()
     summed = (x.double() + residual.double()).to(dtype)
     with pytest.MonkeyPatch.context() as mp:
@@ -70,10 +71,10 @@ def test_fused_residual(t, h, dtype, pad, num_sms, tiles, seed):
        seed=st.integers(0, 2**31 - 1))
 def test_per_head_view_of_fused_qkv(t, hq, hk, d, dtype, in_place, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(dtype)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(DEVICE, dtype)
     q = qkv[:, : hq * d].view(t, hq, d)
     k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
-    weight = torch.randn(d, generator=gen).to(dtype)
+    weight = torch.randn(d, generator=gen).to(DEVICE, dtype)
     before = qkv.clone()
     expected_q, expected_k = reference(q, weight, 1e-6), reference(k, weight, 1e-6)
     with pytest.MonkeyPatch.context() as mp:
@@ -90,8 +91,8 @@ def test_per_head_view_of_fused_qkv(t, hq, hk, d, dtype, in_place, num_sms, tile
 
 def test_hf_order_rounds_before_weight():
     # With weight 3 the HF order (round, then scale) and scale-then-round differ in fp16 for some inputs.
-    x = torch.linspace(-2, 2, 64, dtype=torch.float64).reshape(2, 32).to(torch.float16)
-    weight = torch.full((32,), 3.0, dtype=torch.float16)
+    x = torch.linspace(-2, 2, 64, dtype=torch.float64).reshape(2, 32).to(DEVICE, torch.float16)
+    weight = torch.full((32,), 3.0, dtype=torch.float16, device=DEVICE)
     x64 = x.double()
     normed = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.float16)
     hf = (normed.double() * 3.0).to(torch.float16)

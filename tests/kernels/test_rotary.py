@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from minidu.kernels import rotary
 from minidu.kernels.kv_cache import store_kvcache
 from minidu.kernels.rotary import rope_inv_freq, rotary_embedding, rotary_embedding_and_store_kvcache
+from tests.conftest import DEVICE
 
 # After the fp32 angle, the kernel's fp32 cos/sin and rotation are within a few fp32 ulps of float64; fp16 adds one
 # rounding of the result (2**-11 relative).
@@ -112,9 +113,9 @@ def reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
 def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype, max_pos, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = hk * ratio
-    qkv = torch.randn(t, (hq + 2 * hk) * d + 3, generator=gen).to(dtype)
-    positions = torch.randint(0, max_pos, (t,), generator=gen, dtype=pos_dtype)
-    inv_freq = rope_inv_freq(d, 10000.0, None)
+    qkv = torch.randn(t, (hq + 2 * hk) * d + 3, generator=gen).to(DEVICE, dtype)
+    positions = torch.randint(0, max_pos, (t,), generator=gen, dtype=pos_dtype).to(DEVICE)
+    inv_freq = rope_inv_freq(d, 10000.0, None).to(DEVICE)
     q, k = qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
     expected_q, expected_k = reference(q, positions, inv_freq), reference(k, positions, inv_freq)
     before, again = qkv.clone(), qkv.clone()
@@ -135,14 +136,15 @@ def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype,
 def test_fused_store_equals_rotary_then_store_kvcache(t, hk, ratio, d, dtype, block_size, skip, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = hk * ratio
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(dtype)
-    positions = torch.randint(0, 4096, (t,), generator=gen)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(DEVICE, dtype)
+    positions = torch.randint(0, 4096, (t,), generator=gen).to(DEVICE)
     num_blocks = max(1, -(-(t + 3) // block_size))
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
-    slots = torch.where(torch.rand(t, generator=gen) < skip, -1, slots).to(torch.int32)
-    inv_freq = rope_inv_freq(d, 10000.0, None)
+    slots = torch.where(torch.rand(t, generator=gen) < skip, -1, slots).to(DEVICE, torch.int32)
+    inv_freq = rope_inv_freq(d, 10000.0, None).to(DEVICE)
     fused, unfused = qkv.clone(), qkv.clone()
-    caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype) for _ in range(4)]
+    caches = [torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=DEVICE)
+              for _ in range(4)]
 
     def views(buf):
         return (buf[:, : hq * d].view(t, hq, d), buf[:, hq * d: (hq + hk) * d].view(t, hk, d),
@@ -162,7 +164,7 @@ def test_fused_store_equals_rotary_then_store_kvcache(t, hk, ratio, d, dtype, bl
     stored = slots >= 0
     flat_k = caches[0].view(-1, hk, d)[slots[stored].long()]
     expected_k = reference(views(qkv)[1], positions, inv_freq)[stored] * 1.5
-    torch.testing.assert_close(flat_k.double(), expected_k, **TOL[dtype])
+    torch.testing.assert_close(flat_k.double().cpu(), expected_k.cpu(), **TOL[dtype])
 
 
 def test_fused_store_rejects_bad_cache_arguments():

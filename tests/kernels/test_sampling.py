@@ -6,9 +6,21 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
-from minidu.kernels.sampling import sample
+from minidu.kernels import sampling
+from tests.conftest import to_device
 
 DTYPES = [torch.float32, torch.float16]
+
+
+def sample(logits, out=None, **kwargs):
+    """The kernel on DEVICE, given and giving CPU tensors (these tests build and check everything on the CPU); on a
+    CPU DEVICE it is the kernel itself, `out` included."""
+    args = {k: to_device(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    device_out = None if out is None else to_device(out)
+    result = sampling.sample(to_device(logits) if isinstance(logits, torch.Tensor) else logits, out=device_out, **args)
+    if out is not None and result is device_out and device_out is not out:
+        return out.copy_(result)
+    return result.cpu()
 # Logits on a grid of quarters in [-4, 4]: exact in fp16 and bf16, with frequent ties, and distinct values stay distinct
 # after division by any temperature used here.
 GRID = st.integers(-16, 16).map(lambda v: v / 4)

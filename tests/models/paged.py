@@ -72,7 +72,8 @@ class PagedRunner:
         ids, positions = (torch.tensor(x, device=self.model.device) for x in (tokens, positions))
         hidden = self.model.forward(ids, positions, attn, self.kv_caches,
                                     num_sms=self.num_sms)
-        return self.model.compute_logits(hidden, num_sms=self.num_sms), rows
+        # Logits come back on the CPU, where the tests' references live.
+        return self.model.compute_logits(hidden, num_sms=self.num_sms).cpu(), rows
 
 
 def prefill_logits(model: CausalLM, tokens: list[int]) -> torch.Tensor:

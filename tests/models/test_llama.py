@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 import minidu.models.attention as attention_module
 import minidu.models.llama as llama_module
 from minidu.models import load_model
+from tests.conftest import DEVICE
 from tests.models.checkpoints import random_weights, tiny_config, write_checkpoint
 from tests.models.paged import PagedRunner
 from tests.models.reference import reference_logits
@@ -50,7 +51,7 @@ def scenario(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     config = write_checkpoint(path, arch, seed=7, num_shards=num_shards, **overrides)
     weights = random_weights(config, seed=7)
-    model, _, _ = load_model(str(path), device="cpu")
+    model, _, _ = load_model(str(path), device=DEVICE)
     generator = torch.Generator().manual_seed(3)
     seqs = {"a": torch.randint(0, config["vocab_size"], (8,), generator=generator).tolist(),
             "b": torch.randint(0, config["vocab_size"], (9,), generator=generator).tolist()}

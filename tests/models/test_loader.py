@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidu.models import MODEL_PRESETS, load_model
+from tests.conftest import DEVICE
 from tests.models.checkpoints import STORIES260K, write_checkpoint
 from tests.models.paged import prefill_logits
 from tests.models.reference import reference_logits
@@ -36,11 +37,11 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", torch.float16])
 def test_dtype_conversion_on_load_matches_reference(tmp_path, dtype):
     config = write_checkpoint(tmp_path, "Qwen3ForCausalLM")
-    model, _, _ = load_model(str(tmp_path), dtype=dtype, device="cpu")
+    model, _, _ = load_model(str(tmp_path), dtype=dtype, device=DEVICE)
     stored = load_file(tmp_path / "model.safetensors")
     for name, tensor in hf_weights(model).items():
         assert tensor.dtype == torch.float16
-        assert torch.equal(tensor, stored[name].half()), name
+        assert torch.equal(tensor.cpu(), stored[name].half()), name
     tokens = [5, 17, 99, 3, 64, 0]
     # fp16 activations (fp32 accumulation) vs float64 on the fp16-rounded weights: |error| <= 2e-2 * max|logit|.
     ref = reference_logits(config, {n: t.half() for n, t in stored.items()}, tokens)
@@ -141,7 +142,7 @@ def test_preset_name_builds_dummy_model_and_logs_it(monkeypatch, caplog):
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 128}
     monkeypatch.setitem(MODEL_PRESETS, "tiny-qwen3", preset)
     caplog.set_level(logging.INFO, logger="minidu")
-    model, config, path = load_model("Tiny-Qwen3", dtype="float32", device="cpu")
+    model, config, path = load_model("Tiny-Qwen3", dtype="float32", device=DEVICE)
     assert path is None and config.qk_norm and config.eos_token_ids == [151645, 151643]
     assert "dummy" in caplog.text and "Tiny-Qwen3" in caplog.text
     assert model.layers[0].qkv_proj.shape == ((4 + 2 * 2) * 32, 64)
@@ -186,7 +187,7 @@ def test_bad_model_or_load_format_is_rejected(model, load_format):
 def test_stories260k_matches_reference():
     from tokenizers import Tokenizer
 
-    model, config, _ = load_model(str(STORIES260K), device="cpu")
+    model, config, _ = load_model(str(STORIES260K), device=DEVICE)
     assert config.tie_word_embeddings and config.num_hidden_layers == 5
     tokens = Tokenizer.from_file(str(STORIES260K / "tokenizer.json")).encode("Once upon a time").ids
     assert tokens[0] == 1

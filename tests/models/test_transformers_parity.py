@@ -15,6 +15,7 @@ import minidu  # noqa: E402
 from minidu import SamplingParams  # noqa: E402
 from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq  # noqa: E402
 from minidu.models import ModelConfig, load_model  # noqa: E402
+from tests.conftest import DEVICE  # noqa: E402
 from tests.models.paged import PagedRunner  # noqa: E402
 from tests.models.checkpoints import STORIES260K
 
@@ -99,7 +100,7 @@ def test_transformers_reads_the_legacy_layout_the_same(checkpoint):
 
 def test_first_step_logits_match_transformers(checkpoint):
     model, dirs = checkpoint
-    lm, _, _ = load_model(str(dirs["v5"]), dtype="float32", device="cpu")
+    lm, _, _ = load_model(str(dirs["v5"]), dtype="float32", device=DEVICE)
     runner = PagedRunner(lm, block_size=4, num_blocks=16, max_blocks=4)
     logits, rows = runner.step([("a", PROMPTS[0])], [])
     with torch.no_grad():
