@@ -76,13 +76,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def tl_dtype(dtype: torch.dtype):
-    """The triton.language dtype matching a torch float dtype."""
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-
-
 next_power_of_2 = triton.next_power_of_2
 
 

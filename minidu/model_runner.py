@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from minidu.kernels.embedding import embedding
+from minidu.kernels.gather import gather_rows
 from minidu.kernels.kv_cache import allocate_kv_cache
 from minidu.kernels.sampling import sample
 from minidu.kernels.utils import device_num_sms
@@ -101,7 +101,7 @@ class ModelRunner:
         """Runs the model on a flattened batch and samples one token for each of its sampling rows."""
         hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches, num_sms)
         if inputs.sample_rows is not None:
-            hidden = embedding(inputs.sample_rows, hidden, num_sms=num_sms)
+            hidden = gather_rows(inputs.sample_rows, hidden, num_sms=num_sms)
         logits = self.model.compute_logits(hidden, num_sms)
         s = inputs.sampling
         return sample(logits, s.temperatures, s.top_ks, s.top_ps, s.seeds, s.steps, num_sms=num_sms)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from threadpoolctl import ThreadpoolController
 
-from minidu.kernels.embedding import embedding
+from minidu.kernels.gather import gather_rows
 from minidu.kernels.gemm import gemm
 from minidu.kernels.rmsnorm import rms_norm
 from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq, rotary_embedding_and_store_kvcache
@@ -161,7 +161,7 @@ class CausalLM:
 
     def _forward(self, input_ids, positions, attn, kv_caches, num_sms) -> torch.Tensor:
         eps = self.config.rms_norm_eps
-        hidden = embedding(input_ids, self.embed_tokens, num_sms=num_sms)
+        hidden = gather_rows(input_ids, self.embed_tokens, num_sms=num_sms)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             if residual is None:

@@ -24,7 +24,7 @@ CASES = {
 # fp32 kernels (fp32 accumulation, ieee dots) vs float64: |error| <= 1e-4 * max|logit|.
 FP32_RTOL = 1e-4
 NUM_SMS = 3
-KERNELS = {llama_module: ["embedding", "rms_norm", "gemm", "rotary_embedding_and_store_kvcache"],
+KERNELS = {llama_module: ["gather_rows", "rms_norm", "gemm", "rotary_embedding_and_store_kvcache"],
            attention_module: ["prefill_attention", "decode_attention"]}
 
 

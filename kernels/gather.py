@@ -1,4 +1,5 @@
-"""Token embedding lookup: gathers rows of the embedding table by token id."""
+"""Row gather, out[t] = table[ids[t]]: the token-embedding lookup, and the pick of each sampling row's hidden state
+before the LM head."""
 import torch
 import triton
 import triton.language as tl
@@ -7,11 +8,10 @@ from minidu.kernels import tiles
 from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, num_programs, output_2d, row_tiles
 
 
-
 @triton.jit(do_not_specialize=["num_tokens", "col_tiles", "num_tiles", "NUM_PROGRAMS"])
-def _embedding_kernel(
+def _gather_rows_kernel(
     ids_ptr,  # [T]
-    weight_ptr,  # [V, H], strides (stride_wv, 1)
+    table_ptr,  # [V, H], strides (stride_wv, 1)
     out_ptr,  # [T, H], strides (stride_ot, 1)
     num_tokens, hidden, stride_wv, stride_ot,
     col_tiles, num_tiles, NUM_PROGRAMS,
@@ -28,30 +28,30 @@ def _embedding_kernel(
         row_mask = rows < num_tokens
         mask = row_mask[:, None] & (cols < hidden)[None, :]
         ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        vals = tl.load(weight_ptr + (ids * stride_wv)[:, None] + cols[None, :], mask=mask)
+        vals = tl.load(table_ptr + (ids * stride_wv)[:, None] + cols[None, :], mask=mask)
         tl.store(out_ptr + (rows * stride_ot)[:, None] + cols[None, :], vals, mask=mask)
 
 
-def embedding(ids: torch.Tensor, weight: torch.Tensor, *, num_sms: int | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """ids [T] int, weight [V, H] -> out [T, H] with out[t] = weight[ids[t]].
+def gather_rows(ids: torch.Tensor, table: torch.Tensor, *, num_sms: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """ids [T] int, table [V, H] -> out [T, H] with out[t] = table[ids[t]].
 
     Ids must lie in [0, V): they are not checked here because that would need a device sync (the engine validates
-    prompts). Rows of weight and out may be strided; their last dimension must be contiguous.
+    prompts). Rows of table and out may be strided; their last dimension must be contiguous.
     """
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("ids", ids, ndim=1, dtypes=INDEX_DTYPES, device=weight.device, contiguous=True)
-    if weight.stride(1) != 1:
-        raise ValueError(f"weight must be contiguous in its last dimension, got strides {weight.stride()}")
-    num_tokens, hidden = ids.shape[0], weight.shape[1]
-    out = output_2d(out, (num_tokens, hidden), weight.dtype, weight.device)
+    check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("ids", ids, ndim=1, dtypes=INDEX_DTYPES, device=table.device, contiguous=True)
+    if table.stride(1) != 1:
+        raise ValueError(f"table must be contiguous in its last dimension, got strides {table.stride()}")
+    num_tokens, hidden = ids.shape[0], table.shape[1]
+    out = output_2d(out, (num_tokens, hidden), table.dtype, table.device)
     if hidden == 0:
         return out
 
     block_t, block_h, col_tiles, num_tiles = row_tiles(num_tokens, hidden, tiles.TILE_COLS, tiles.TILE_ELEMS)
-    grid = num_programs(num_tiles, num_sms, weight.device)
-    _embedding_kernel[(grid,)](
-        ids, weight, out, num_tokens, hidden, weight.stride(0), out.stride(0), col_tiles, num_tiles, grid,
+    grid = num_programs(num_tiles, num_sms, table.device)
+    _gather_rows_kernel[(grid,)](
+        ids, table, out, num_tokens, hidden, table.stride(0), out.stride(0), col_tiles, num_tiles, grid,
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )
     return out

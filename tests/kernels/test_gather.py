@@ -1,9 +1,9 @@
-"""embedding gathers exactly the rows torch indexing gathers."""
+"""gather_rows gathers exactly the rows torch indexing gathers."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels.embedding import embedding
+from minidu.kernels.gather import gather_rows
 from minidu.kernels import tiles as tile_table
 from tests.conftest import DEVICE
 
@@ -16,40 +16,40 @@ from tests.conftest import DEVICE
        seed=st.integers(0, 2**31 - 1))
 def test_gathers_rows(t, vocab, hidden, dtype, ids_dtype, pad, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, hidden + pad, generator=gen).to(DEVICE, dtype)[:, :hidden]
+    table = torch.randn(vocab, hidden + pad, generator=gen).to(DEVICE, dtype)[:, :hidden]
     ids = torch.randint(0, vocab, (t,), generator=gen, dtype=ids_dtype).to(DEVICE)
     out = torch.full((t, hidden), float("nan"), dtype=dtype, device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile_table, "TILE_ELEMS", tiles[0])
         mp.setattr(tile_table, "TILE_COLS", tiles[1])
-        result = embedding(ids, weight, num_sms=num_sms, out=out)
-        single = embedding(ids, weight, num_sms=1)
+        result = gather_rows(ids, table, num_sms=num_sms, out=out)
+        single = gather_rows(ids, table, num_sms=1)
     assert result is out
-    assert torch.equal(out, weight[ids.long()])
+    assert torch.equal(out, table[ids.long()])
     assert torch.equal(single, out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are only exact on CUDA")
 def test_bf16_cuda():
-    weight = torch.randn(5000, 2048, device="cuda", dtype=torch.bfloat16)
+    table = torch.randn(5000, 2048, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 5000, (37,), device="cuda", dtype=torch.int32)
-    assert torch.equal(embedding(ids, weight, num_sms=5), weight[ids.long()])
+    assert torch.equal(gather_rows(ids, table, num_sms=5), table[ids.long()])
 
 
 def test_bad_inputs_name_the_argument():
-    ids, weight = torch.tensor([0, 2]), torch.randn(4, 8)
+    ids, table = torch.tensor([0, 2]), torch.randn(4, 8)
     cases = [
         (dict(ids=ids.float()), "ids"),
         (dict(ids=ids[None]), "ids"),
         (dict(ids=torch.tensor([0, 1, 2, 3])[::2]), "ids"),
-        (dict(weight=torch.randn(8)), "weight"),
-        (dict(weight=weight.long()), "weight"),
-        (dict(weight=torch.randn(8, 4).t()), "weight"),
+        (dict(table=torch.randn(8)), "table"),
+        (dict(table=table.long()), "table"),
+        (dict(table=torch.randn(8, 4).t()), "table"),
         (dict(out=torch.empty(2, 7)), "out"),
         (dict(out=torch.empty(2, 8, dtype=torch.float16)), "out"),
         (dict(num_sms=0), "num_sms"),
     ]
     for override, name in cases:
-        args = dict(ids=ids, weight=weight) | override
+        args = dict(ids=ids, table=table) | override
         with pytest.raises(ValueError, match=rf"^{name}\b"):
-            embedding(args.pop("ids"), args.pop("weight"), **args)
+            gather_rows(args.pop("ids"), args.pop("table"), **args)
