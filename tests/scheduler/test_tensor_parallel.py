@@ -1,6 +1,8 @@
 """Tensor parallelism in the latency model: one rank's FLOPs and bytes counted by hand, the ring collectives over the
 interconnect, refusals of sizes that do not shard, and a simulated engine at tensor_parallel_size=2."""
+import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +176,14 @@ def test_sim_engine_at_two_ranks_serves_a_workload():
     reference = LatencyModel(ModelShape(40, 5120, 40, 8, 128, 17408, 151936, qk_norm=True, tensor_parallel_size=2),
                              load_profile("h200"))
     assert two.latency_model.step_time([(700, 0), (1, 40)], 132) == reference.step_time([(700, 0), (1, 40)], 132)
+
+
+def test_bench_serving_flag_reaches_the_engine(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "scripts"))
+    import bench_serving
+
+    parser = argparse.ArgumentParser()
+    bench_serving.add_engine_args(parser)  # sweep_capacity's engine options too
+    args = parser.parse_args(["--model", "qwen3-14b", "--tensor-parallel-size", "2"])
+    engine = bench_serving.make_engine(args, "aggregated")
+    assert engine.config.tensor_parallel_size == engine.latency_model.shape.tensor_parallel_size == 2
