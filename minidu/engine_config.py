@@ -51,12 +51,13 @@ class EngineConfig:
     decode_sms: int | None = None  # the static policy's decode SMs; None: the decode_sms_choices entry nearest half
     # The SM budgets decode may run on when prefill and decode are split: with a splitting policy (static, duet) or when
     # given, CUDA graphs are captured for exactly these (and the whole GPU) at start-up, and no other decode budget
-    # runs. None: the multiples of min(8, num_sms // 8) below num_sms (8, 16, ..., 128 on 132 SMs).
+    # runs. None: scheduler.partition.default_decode_sms_choices (16, 32, ..., 112 on 132 SMs).
     decode_sms_choices: tuple[int, ...] | None = None
     allow_long_max_model_len: bool = False  # max_model_len above max_position_embeddings (vLLM's override)
+    tensor_parallel_size: int = 1  # GPUs the model is sharded over (simulated only, so far)
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -72,6 +73,9 @@ class EngineConfig:
             self.decode_sms_choices = tuple(sorted(set(choices)))
         if self.backend not in ("gpu", "sim"):
             raise ValueError(f"backend must be 'gpu' (run the model) or 'sim' (simulate it), got {self.backend!r}")
+        if self.tensor_parallel_size != 1 and self.backend != "sim":
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism runs only in the "
+                             f"simulator (backend='sim') so far; the {self.backend!r} backend runs on one GPU")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         for name in ("enable_prefix_caching", "enforce_eager", "allow_long_max_model_len"):
@@ -145,19 +149,24 @@ def engine_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtyp
     return resolved
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """One rank's bytes for a block: its share of the kv heads (one replicated head when fewer heads than ranks)."""
+    kv_heads = max(1, config.num_key_value_heads // tensor_parallel_size)
+    per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim
     return per_token * block_size * dtype.itemsize
 
 
 def _activation_bytes(cfg: EngineConfig, c: ModelConfig, dtype: torch.dtype) -> int:
-    """A generous bound on one step's live activations: a few token-wide buffers plus fp32 logits."""
-    width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + 2 * c.intermediate_size + 2 * c.hidden_size
+    """A generous bound on one step's (one rank's) live activations: a few token-wide buffers plus fp32 logits
+    (gathered whole for sampling)."""
+    n = cfg.tensor_parallel_size
+    width = ((c.num_attention_heads // n + 2 * max(1, c.num_key_value_heads // n)) * c.head_dim
+             + 2 * c.intermediate_size // n + 2 * c.hidden_size)
     return 3 * cfg.max_num_batched_tokens * width * dtype.itemsize + cfg.max_num_seqs * c.vocab_size * 4
 
 
 def _blocks_in(available: float, cfg: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
-    blocks = int(available // kv_bytes_per_block(model_config, cfg.block_size, dtype))
+    blocks = int(available // kv_bytes_per_block(model_config, cfg.block_size, dtype, cfg.tensor_parallel_size))
     if blocks < 1:
         raise ValueError(f"no memory left for the KV cache ({available / 2**30:.1f} GiB after weights and "
                          f"activations); raise gpu_memory_utilization or lower max_num_batched_tokens")
@@ -238,25 +247,26 @@ def num_kv_blocks_for(cfg: EngineConfig, model_config: ModelConfig, device: torc
 
 
 def sim_num_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, hw: HardwareProfile, dtype: torch.dtype) -> int:
-    """The KV blocks the simulated GPU would hold: its memory times gpu_memory_utilization, less the weights and a bound
-    on the activations."""
+    """The KV blocks each simulated GPU would hold: its memory times gpu_memory_utilization, less one rank's weights
+    (its shard of every sharded matrix) and activations."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     memory = hw.memory_bytes
     if not memory:
         raise ValueError(f"the memory of hardware {hw.name!r} is unknown: pass num_kv_blocks")
-    c = model_config
-    weights = (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
-        c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-        + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
+    c, s = model_config, model_shape(model_config, dtype, cfg.tensor_parallel_size)
+    weights = (s.rank_vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (
+        c.hidden_size * (s.rank_heads + 2 * s.rank_kv_heads) * c.head_dim
+        + s.rank_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * s.rank_intermediate_size))
     split = MemorySplit(int(memory), cfg.gpu_memory_utilization, weights * dtype.itemsize,
                         _activation_bytes(cfg, c, dtype))
     return kv_blocks_of_split(split, cfg, c, dtype)
 
 
-def model_shape(c: ModelConfig, dtype: torch.dtype) -> ModelShape:
+def model_shape(c: ModelConfig, dtype: torch.dtype, tensor_parallel_size: int = 1) -> ModelShape:
     return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                      c.intermediate_size, c.vocab_size, dtype.itemsize, c.qk_norm, c.attention_bias)
+                      c.intermediate_size, c.vocab_size, dtype.itemsize, c.qk_norm, c.attention_bias,
+                      tensor_parallel_size=tensor_parallel_size)
 
 
 def hardware_profile(cfg: EngineConfig, device: torch.device) -> HardwareProfile | None:
@@ -294,7 +304,7 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
     hw = hardware_profile(cfg, device)
     num_sms = hw.num_sms if hw is not None else device_num_sms()
     choices = decode_sms_choices(cfg, num_sms)
-    latency = LatencyModel(model_shape(model_config, dtype), hw) if hw is not None else None
+    latency = LatencyModel(model_shape(model_config, dtype, cfg.tensor_parallel_size), hw) if hw is not None else None
     policy = make_policy(cfg, latency, num_sms, choices)
     if sim:
         num_blocks = sim_num_kv_blocks(cfg, model_config, hw, dtype)

@@ -26,6 +26,11 @@ class HardwareProfile:
     mem_bandwidth: float  # B/s once bandwidth saturates
     bandwidth_saturation_sms: int  # smallest budget that reaches mem_bandwidth
     memory_bytes: float = field(default=0.0, kw_only=True)  # device memory, sizes a simulated KV cache (0: unknown)
+    # GPU-to-GPU link for tensor parallelism's collectives: bytes/s each GPU sends (and receives) at once in a ring
+    # (NVLink's per-direction bandwidth, 0: unknown, refused for tensor_parallel_size > 1), and the fixed seconds of
+    # one collective (launch and the ring's synchronisation), whatever its size.
+    interconnect_bandwidth: float = field(default=0.0, kw_only=True)
+    interconnect_latency: float = field(default=0.0, kw_only=True)
     # Seconds per decoder layer per step that the roofline misses: launch gaps between the layer's ~10 kernels and the
     # partial last wave of each. 20 us/layer is ~2 us/kernel, typical of back-to-back launches on Hopper.
     layer_overhead: float = 20e-6
@@ -58,6 +63,10 @@ class HardwareProfile:
         if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int | float) \
                 or not math.isfinite(self.memory_bytes) or self.memory_bytes < 0:
             raise ValueError(f"memory_bytes must be a finite number >= 0, got {self.memory_bytes!r}")
+        for name in ("interconnect_bandwidth", "interconnect_latency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.layer_overhead, int | float) or not math.isfinite(self.layer_overhead) \
                 or self.layer_overhead < 0:
             raise ValueError(f"layer_overhead must be a finite number >= 0, got {self.layer_overhead!r}")
@@ -101,6 +110,24 @@ class HardwareProfile:
         (m0, e0), (m1, e1) = points[i - 1], points[i]
         return e0 + (e1 - e0) * (tokens - m0) / (m1 - m0)
 
+    def all_reduce_time(self, nbytes: float, ranks: int) -> float:
+        """Seconds of a ring all-reduce of `nbytes` (each rank's buffer) over `ranks` GPUs: reduce-scatter then
+        all-gather, each moving (ranks - 1) / ranks of the buffer through every GPU's link; 0 on one GPU."""
+        return self._ring_time(2 * nbytes, ranks)
+
+    def all_gather_time(self, nbytes: float, ranks: int) -> float:
+        """Seconds of a ring all-gather whose gathered result is `nbytes` on each of `ranks` GPUs; 0 on one GPU."""
+        return self._ring_time(nbytes, ranks)
+
+    def _ring_time(self, nbytes: float, ranks: int) -> float:
+        _check_int("ranks", ranks, 1, None)
+        if ranks == 1:
+            return 0.0
+        if not self.interconnect_bandwidth:
+            raise ValueError(f"the interconnect_bandwidth of hardware {self.name!r} is unknown, and {ranks} ranks "
+                             f"exchange data over it: give the profile an interconnect_bandwidth")
+        return (ranks - 1) / ranks * nbytes / self.interconnect_bandwidth + self.interconnect_latency
+
     @property
     def calibrated(self) -> bool:
         """Whether the profile was measured (scripts/calibrate_hw.py) rather than taken from a datasheet preset."""
@@ -138,6 +165,11 @@ class HardwareProfile:
 # a calibrated JSON profile replaces them with measured tables.
 COMPUTE_EFFICIENCY = 0.8
 BANDWIDTH_EFFICIENCY = 0.9
+# NCCL's ring all-reduce on NVLink reaches about 80% of the link's per-direction bandwidth as bus bandwidth at large
+# messages (a guess in line with nccl-tests reports, not measured here); each collective costs ~5 us more whatever
+# its size (launch and ring synchronisation, the small-message floor of NVLink all-reduces).
+INTERCONNECT_EFFICIENCY = 0.8
+PRESET_INTERCONNECT_LATENCY = 5e-6
 
 
 # Uncalibrated guesses for the multiplexing physics, used until a profile measures them: decode beside prefill 10%
@@ -149,21 +181,23 @@ PRESET_PERIOD_OVERHEAD = 150e-6
 PRESET_GEMM_EFFICIENCY = {64: 0.5, 128: 0.55, 256: 0.65, 512: 0.8, 1024: 0.9, 2048: 0.95, 4096: 1.0}
 
 
-def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float,
-            memory_bytes: float) -> HardwareProfile:
+def _preset(name: str, num_sms: int, datasheet_flops: float, datasheet_bandwidth: float, memory_bytes: float,
+            link_bandwidth: float) -> HardwareProfile:
     # HBM saturates with ~40% of the SMs (measured knees on Hopper sit between 1/3 and 1/2 of the SMs).
     return HardwareProfile(name, num_sms, datasheet_flops * COMPUTE_EFFICIENCY,
                            datasheet_bandwidth * BANDWIDTH_EFFICIENCY, math.ceil(0.4 * num_sms), memory_bytes=memory_bytes,
+                           interconnect_bandwidth=link_bandwidth * INTERCONNECT_EFFICIENCY,
+                           interconnect_latency=PRESET_INTERCONNECT_LATENCY,
                            corun_decode_slowdown=PRESET_CORUN_DECODE_SLOWDOWN, period_overhead=PRESET_PERIOD_OVERHEAD,
                            gemm_efficiency_by_tokens=dict(PRESET_GEMM_EFFICIENCY),
                            metadata={"calibrated": "false", "source": "datasheet preset with guessed efficiencies"})
 
 
-# name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s, HBM bytes)
-HARDWARE_PRESETS: dict[str, tuple[int, float, float, float]] = {
-    "h100": (132, 989e12, 3.35e12, 80e9),  # H100 SXM
-    "h200": (132, 989e12, 4.8e12, 141e9),
-    "a100": (108, 312e12, 2.0e12, 80e9),  # A100 SXM 80GB
+# name -> (SMs, datasheet bf16 dense FLOP/s, datasheet HBM B/s, HBM bytes, NVLink B/s per direction per GPU)
+HARDWARE_PRESETS: dict[str, tuple[int, float, float, float, float]] = {
+    "h100": (132, 989e12, 3.35e12, 80e9, 450e9),  # H100 SXM, NVLink 4 (900 GB/s both directions)
+    "h200": (132, 989e12, 4.8e12, 141e9, 450e9),
+    "a100": (108, 312e12, 2.0e12, 80e9, 300e9),  # A100 SXM 80GB, NVLink 3 (600 GB/s both directions)
 }
 
 

@@ -31,6 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser, backends: tuple[str, ...] = ("si
                         "TBT objective in aggregated steps, the regime DuetServe addresses")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--decode-sms", type=int, default=None, help="decode SMs of the static policy (default: half)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the model is sharded over (sim only so far: per-rank work plus NVLink all-reduces)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -66,7 +68,8 @@ def make_engine(args: argparse.Namespace, policy: str):
     hardware = args.gpu or ("h200" if args.backend == "sim" else None)
     engine = minidu.Engine(args.model, backend=args.backend, policy=policy, tbt_slo_ms=args.tbt_slo_ms,
                            hardware=hardware, decode_sms=args.decode_sms, seed=args.seed,
-                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                           tensor_parallel_size=args.tensor_parallel_size)
     if args.backend == "gpu":  # compile kernels and capture graphs before the clock starts
         engine.generate([[1, 2, 3, 4]], minidu.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     return engine

@@ -7,6 +7,7 @@ pace with arrivals. The simulated GPU's ground truth (--truth) may differ from t
 
     python scripts/sweep_capacity.py --out benchmarks/results/sim-sweep.json --table sweep.md --jobs 2
     python scripts/sweep_capacity.py --workloads azure-code --tbt-slo-ms 50 --budgets 1024 2048 --num-requests 200
+    python scripts/sweep_capacity.py --model qwen3-14b --tensor-parallel-size 2 --workloads azure-conv --tbt-slo-ms 50
 """
 import argparse
 import json

@@ -145,3 +145,35 @@ def test_throughput_never_drops_with_more_sms(flops, bandwidth, saturation):
         assert all(a <= b * (1 + 1e-12) for a, b in zip(series, series[1:]))
     for s, value in flops.items():  # measured points are reproduced unless a smaller budget measured more
         assert hw.compute(s) == pytest.approx(max(v for t, v in flops.items() if t <= s), rel=1e-12)
+
+
+def test_ring_collectives_over_the_interconnect():
+    hw = small_profile(interconnect_bandwidth=1e9, interconnect_latency=2e-6)
+    # A ring all-reduce is a reduce-scatter and an all-gather, each sending (N-1)/N of the buffer through each link.
+    assert hw.all_reduce_time(4e6, 4) == pytest.approx(2 * 3 / 4 * 4e6 / 1e9 + 2e-6, rel=1e-12)
+    assert hw.all_gather_time(4e6, 2) == pytest.approx(1 / 2 * 4e6 / 1e9 + 2e-6, rel=1e-12)
+    assert hw.all_reduce_time(4e6, 1) == hw.all_gather_time(4e6, 1) == 0.0
+    with pytest.raises(ValueError, match="interconnect_bandwidth of hardware 'toy' is unknown"):
+        small_profile().all_reduce_time(4e6, 2)
+    with pytest.raises(ValueError, match="ranks"):
+        hw.all_reduce_time(4e6, 0)
+
+
+@pytest.mark.parametrize("name, link", [("h100", 450e9), ("h200", 450e9), ("a100", 300e9)])
+def test_presets_carry_nvlink(name, link):
+    hw = load_profile(name)
+    assert 0.6 * link <= hw.interconnect_bandwidth <= link
+    assert 0 < hw.interconnect_latency < 20e-6
+
+
+@pytest.mark.parametrize("field_name", ["interconnect_bandwidth", "interconnect_latency"])
+@pytest.mark.parametrize("value", [-1.0, float("inf"), True, "1"])
+def test_bad_interconnect_raises(field_name, value):
+    with pytest.raises(ValueError, match=field_name):
+        small_profile(**{field_name: value})
+
+
+def test_interconnect_survives_json():
+    hw = small_profile(interconnect_bandwidth=3e11, interconnect_latency=4e-6)
+    assert HardwareProfile.from_json(hw.to_json()) == hw
+    assert HardwareProfile("toy", 10, 1.0, 1.0, 4).interconnect_bandwidth == 0.0  # positional callers unchanged
