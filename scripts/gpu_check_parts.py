@@ -357,9 +357,9 @@ def green_concurrent_ms(dec, dec_args, mm, mm_args, s_d, total, gemm_reps, reps,
 
 def part_serving(ctx) -> None:
     import minidu
-    from minidu.metrics import serving_metrics
-    from minidu.serving import run_workload
-    from minidu.workloads import synthetic_workload
+    from minidu.benchmarks.metrics import serving_metrics
+    from minidu.benchmarks.serving import run_workload
+    from minidu.benchmarks.workloads import synthetic_workload
 
     with tempfile.TemporaryDirectory() as tmp:
         if ctx.dry:
