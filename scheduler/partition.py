@@ -3,10 +3,11 @@ the SMs between k decode steps and one prefill step running side by side, using 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from minidu.scheduler.correction import StepCorrection
+from minidu.scheduler.plan import MultiplexedPlan, ScheduledChunk
 from minidu.scheduler.roofline import LatencyModel, StepWork
+from minidu.scheduler.sequence import Sequence as Request
 
 # A truncated chunk keeps one of this many evenly spaced fractions of its tokens, so the search for the longest chunk
 # that fits costs at most log2(TRUNCATION_LEVELS) step-time evaluations per decode budget.
@@ -14,22 +15,35 @@ TRUNCATION_LEVELS = 64
 
 
 @dataclass(frozen=True, slots=True)
-class PartitionDecision:
-    """What to run next. Aggregated: the decode requests and all chunks as one mixed batch on all `num_sms` SMs (the
-    partition fields are 0 and k is 1). Multiplexed: k decode steps on `num_sms_decode` SMs while one prefill step over
-    the first `num_prefill_chunks` chunks, the last one cut to `last_chunk_tokens` new tokens, runs on
-    `num_sms_prefill` SMs; the period ends when both are done."""
+class Split:
+    """What a multiplexed plan needs: k decode steps on `num_sms_decode` SMs while one prefill step over the first
+    `num_prefill_chunks` chunks, the last one cut to `last_chunk_tokens` new tokens, runs on `num_sms_prefill` SMs."""
 
-    mode: Literal["aggregated", "multiplexed"]
-    num_sms: int
     num_sms_prefill: int
     num_sms_decode: int
     k: int
     num_prefill_chunks: int
-    last_chunk_tokens: int  # 0 when no chunk runs
-    decode_step_time: float  # predicted seconds per decode step (the whole step when aggregated)
-    prefill_time: float  # predicted seconds of the prefill step (the whole step when aggregated)
-    predicted_time: float  # seconds of the period: max(k * decode_step_time, prefill_time), or the aggregated step
+    last_chunk_tokens: int
+
+    def plan(self, prefill: list[ScheduledChunk], decode: list[ScheduledChunk],
+             preempt: tuple[Request, ...] = ()) -> MultiplexedPlan:
+        """The plan over a proposal's prefill and decode chunks (the FCFS prefix, its last chunk truncated)."""
+        kept = prefill[:self.num_prefill_chunks]
+        if kept:
+            kept[-1] = kept[-1].truncated(self.last_chunk_tokens)
+        return MultiplexedPlan(kept, self.num_sms_prefill, decode, self.num_sms_decode, self.k, preempt)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionDecision:
+    """The optimizer's answer: `split`, or None to run the mixed step aggregated on all `num_sms` SMs; and what the
+    latency model predicts for it (the decode step and prefill step times are the whole step's when aggregated)."""
+
+    split: Split | None
+    num_sms: int
+    decode_step_time: float  # seconds per decode step
+    prefill_time: float  # seconds of the prefill step
+    predicted_time: float  # seconds of the period (LatencyModel.period_time), or the aggregated step
     predicted_throughput: float  # new tokens per second over the period
     meets_tbt: bool  # the longest predicted gap between two tokens of a decode request is <= tau
 
@@ -154,7 +168,7 @@ def _best_for_decode_budget(search: _PrefillSearch, decode_work: StepWork, num_d
         # Side by side, the prefill's bandwidth demand may push decode over tau or the prefill past k decode steps.
         for k in sorted(k for k in ks if not meets_tbt or (t_d <= tau and k * t_d >= t_p)):
             period = model.period_time(k, t_d, t_p)
-            candidate = PartitionDecision("multiplexed", num_sms, s_p, s_d, k, n, last_tokens, t_d, t_p, period,
+            candidate = PartitionDecision(Split(s_p, s_d, k, n, last_tokens), num_sms, t_d, t_p, period,
                                           (k * num_decode + prefill_tokens + last_tokens) / period, meets_tbt)
             if best is None or candidate.predicted_throughput > best.predicted_throughput:
                 best = candidate
@@ -169,9 +183,7 @@ def _aggregated(decode_context_lens: Sequence[int], prefill_chunks: Sequence[tup
     requests = [(1, c) for c in decode_context_lens] + list(prefill_chunks)
     t = model.step_time(requests, num_sms) * scale("aggregated", num_sms)
     tokens = sum(q for q, _ in requests)
-    return PartitionDecision("aggregated", num_sms, 0, 0, 1, len(prefill_chunks),
-                             prefill_chunks[-1][0] if prefill_chunks else 0, t, t, t,
-                             tokens / t if tokens else 0.0, t <= tau)
+    return PartitionDecision(None, num_sms, t, t, t, tokens / t if tokens else 0.0, t <= tau)
 
 
 def _validate(decode_context_lens, prefill_chunks, tau, model, num_sms, decode_sms_choices, max_k,

@@ -104,12 +104,9 @@ class DuetPolicy(Policy):
         d = choose_partition([c.start for c in decode], [(c.num_new_tokens, c.start) for c in prefill], self.tbt_slo,
                              self.model, self.num_sms, decode_sms_choices=self.decode_sms_choices, max_k=self.max_k,
                              prefer_tbt=True, margin=self.margin, correction=self.correction)
-        if d.mode == "aggregated":
+        if d.split is None:
             return AggregatedPlan(proposal.chunks, preempt=proposal.preempt)
-        kept = prefill[:d.num_prefill_chunks]
-        if kept:
-            kept[-1] = kept[-1].truncated(d.last_chunk_tokens)
-        return MultiplexedPlan(kept, d.num_sms_prefill, decode, d.num_sms_decode, d.k, proposal.preempt)
+        return d.split.plan(prefill, decode, proposal.preempt)
 
     def observe(self, parts: list[StepPart]) -> None:
         """Feeds the correction with the predicted and measured times of an executed step's parts."""

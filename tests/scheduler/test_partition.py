@@ -36,28 +36,27 @@ def decode_bound(decode, s_d) -> float:
 
 def check_decision(d, decode, chunks, tau, granularity, max_k):
     """Invariants every decision satisfies, recomputed from the latency model."""
-    assert d.num_sms == S and d.num_sms_prefill + d.num_sms_decode <= S
-    assert 1 <= d.k <= max_k
-    if d.mode == "aggregated":
+    assert d.num_sms == S
+    if d.split is None:
         t = MODEL.step_time([(1, c) for c in decode] + chunks, S)
-        assert (d.num_sms_prefill, d.num_sms_decode, d.k, d.num_prefill_chunks) == (0, 0, 1, len(chunks))
+        assert d.decode_step_time == d.prefill_time == d.predicted_time
         assert d.predicted_time == pytest.approx(t, rel=1e-12)
         assert d.meets_tbt == (t <= tau)
         return
-    assert d.num_sms_decode in decode_budgets(granularity)
-    assert d.num_sms_prefill == S - d.num_sms_decode
-    n, last = d.num_prefill_chunks, d.last_chunk_tokens
+    assert d.split.num_sms_decode in decode_budgets(granularity) and 1 <= d.split.k <= max_k
+    assert d.split.num_sms_prefill == S - d.split.num_sms_decode
+    n, last = d.split.num_prefill_chunks, d.split.last_chunk_tokens
     assert 1 <= n <= len(chunks) and 1 <= last <= chunks[n - 1][0]
-    t_p, t_d = side_by_side(decode, chunks[:n - 1] + [(last, chunks[n - 1][1])], d.num_sms_decode)
+    t_p, t_d = side_by_side(decode, chunks[:n - 1] + [(last, chunks[n - 1][1])], d.split.num_sms_decode)
     assert d.decode_step_time == pytest.approx(t_d, rel=1e-12)
     assert d.prefill_time == pytest.approx(t_p, rel=1e-12)
-    period = max(d.k * t_d, t_p) + MODEL.hw.period_overhead
+    period = max(d.split.k * t_d, t_p) + MODEL.hw.period_overhead
     assert d.predicted_time == pytest.approx(period, rel=1e-12)
-    tokens = d.k * len(decode) + sum(q for q, _ in chunks[:n - 1]) + last
+    tokens = d.split.k * len(decode) + sum(q for q, _ in chunks[:n - 1]) + last
     assert d.predicted_throughput == pytest.approx(tokens / period, rel=1e-12)
-    assert d.k in (min(max_k, max(1, math.floor(t_p / t_d))), min(max_k, math.ceil(t_p / t_d)))
+    assert d.split.k in (min(max_k, max(1, math.floor(t_p / t_d))), min(max_k, math.ceil(t_p / t_d)))
     if d.meets_tbt:  # decode steps within tau that cover the prefill: the next step's first token is tau away at most
-        assert t_d <= tau and d.k * t_d >= t_p * (1 - 1e-12)
+        assert t_d <= tau and d.split.k * t_d >= t_p * (1 - 1e-12)
 
 
 def brute_force_best(decode, chunks, tau, granularity, max_k) -> float:
@@ -87,7 +86,7 @@ def test_decisions_are_consistent_with_the_latency_model(decode, chunks, tau, st
                          prefer_tbt=prefer_tbt)
     check_decision(d, decode, chunks, tau, step, max_k)
     feasible = any(decode_bound(decode, s) <= tau for s in decode_budgets(step))
-    if d.mode == "multiplexed" and feasible:
+    if d.split is not None and feasible:
         assert d.meets_tbt
     if not prefer_tbt and decode:
         assert d.predicted_throughput >= aggregated_throughput(decode, chunks) * (1 - 1e-12)
@@ -107,18 +106,18 @@ def test_multiplexing_regime(decode, chunks, tau_scale, max_k):
     # At least as good as every untruncated plan that meets tau; multiplexed plans meet tau.
     best = brute_force_best(decode, chunks, tau, 16, max_k)
     assert d.predicted_throughput >= best * (1 - 1e-12)
-    assert d.mode == "aggregated" or d.meets_tbt
+    assert d.split is None or d.meets_tbt
     tbt_first = choose_partition(decode, chunks, tau, MODEL, max_k=max_k, prefer_tbt=True)
     check_decision(tbt_first, decode, chunks, tau, 16, max_k)
     if best > 0:
-        assert tbt_first.mode == "multiplexed" and tbt_first.meets_tbt
+        assert tbt_first.split is not None and tbt_first.meets_tbt
         assert tbt_first.predicted_throughput >= best * (1 - 1e-12)
 
 
 def test_optimizer_matches_brute_force_when_it_multiplexes():
     decode, chunks, tau = [4096] * 64, [(2048, 0)], 0.03
     d = choose_partition(decode, chunks, tau, MODEL, prefer_tbt=True)
-    assert d.mode == "multiplexed" and d.meets_tbt
+    assert d.split is not None and d.meets_tbt
     assert d.predicted_throughput == pytest.approx(brute_force_best(decode, chunks, tau, 16, 8), rel=1e-12)
     check_decision(d, decode, chunks, tau, 16, 8)
 
@@ -127,11 +126,11 @@ def test_long_chunk_is_truncated_to_fit_the_tbt_window():
     decode, chunks, tau, max_k = [4096] * 64, [(16384, 0), (512, 0)], 0.03, 4
     d = choose_partition(decode, chunks, tau, MODEL, max_k=max_k, prefer_tbt=True)
     check_decision(d, decode, chunks, tau, 16, max_k)
-    assert d.mode == "multiplexed" and d.meets_tbt
-    assert d.num_prefill_chunks == 1 and d.last_chunk_tokens < 16384
+    assert d.split is not None and d.meets_tbt
+    assert d.split.num_prefill_chunks == 1 and d.split.last_chunk_tokens < 16384
     # The next truncation level (1/64 of the chunk longer) would overrun the window of max_k decode steps.
-    longer = d.last_chunk_tokens + 16384 // 64
-    t_longer = MODEL.step_time([(longer, 0)], d.num_sms_prefill)
+    longer = d.split.last_chunk_tokens + 16384 // 64
+    t_longer = MODEL.step_time([(longer, 0)], d.split.num_sms_prefill)
     assert t_longer > max_k * d.decode_step_time
 
 
@@ -140,7 +139,7 @@ def test_aggregated_when_it_meets_tau_or_nothing_to_separate():
     t_agg = MODEL.step_time([(1, c) for c in decode] + chunks, S)
     for args in ((decode, chunks, t_agg), (decode, [], 1e-4), ([], chunks, 1e-4), ([], [], 1e-4)):
         d = choose_partition(*args, MODEL)
-        assert d.mode == "aggregated"
+        assert d.split is None
         check_decision(d, *args, 16, 8)
     assert choose_partition([], [], 1e-3, MODEL).predicted_throughput == 0.0
 
@@ -151,7 +150,7 @@ def test_unreachable_tau_uses_the_fastest_decode_budget():
     d = choose_partition(decode, chunks, tau, MODEL)
     check_decision(d, decode, chunks, tau, 16, 8)
     assert not d.meets_tbt
-    if d.mode == "multiplexed":
+    if d.split is not None:
         fastest = min(MODEL.decode_time(decode, s) for s in decode_budgets(16))
         assert d.decode_step_time == fastest
 
@@ -197,11 +196,11 @@ def test_margin_and_correction_plan_against_a_tighter_objective():
 
     decode, chunks = [4096] * 64, [(2048, 0)]
     t_agg = MODEL.step_time([(1, c) for c in decode] + chunks, S)
-    assert choose_partition(decode, chunks, t_agg * 1.05, MODEL).mode == "aggregated"
+    assert choose_partition(decode, chunks, t_agg * 1.05, MODEL).split is None
     for kwargs in (dict(margin=0.1), dict(correction=Slower())):
         d = choose_partition(decode, chunks, t_agg * 1.05, MODEL, prefer_tbt=True, **kwargs)
-        assert d.mode == "multiplexed"
+        assert d.split is not None
     d = choose_partition(decode, chunks, 0.03, MODEL, prefer_tbt=True, correction=Slower())
-    assert d.mode == "multiplexed" and d.decode_step_time <= 0.03
-    t_p, t_d = side_by_side(decode, chunks[:d.num_prefill_chunks - 1] + [(d.last_chunk_tokens, 0)], d.num_sms_decode)
+    assert d.split is not None and d.decode_step_time <= 0.03
+    t_p, t_d = side_by_side(decode, chunks[:d.split.num_prefill_chunks - 1] + [(d.split.last_chunk_tokens, 0)], d.split.num_sms_decode)
     assert d.decode_step_time == pytest.approx(1.3 * t_d, rel=1e-12)
