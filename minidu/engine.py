@@ -127,14 +127,16 @@ class Engine:
         executor runs it. Returns an output for each request that gained tokens or finished, with the plan."""
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
-        plan, parts, start = None, [], self.clock()
+        plan, predicted, parts, start = None, None, [], self.clock()
         if self.scheduler.has_unfinished():
             plan = self.scheduler.commit(self.policy.plan(self.scheduler))
+            if self.latency_model is not None:
+                predicted = plan_times(self.latency_model, plan, self.num_sms)
             try:
                 run_start = self.clock()
                 output = self.executor.execute(plan)
-                if self.latency_model is not None:
-                    parts = measured_parts(self.latency_model, plan, output, run_start, self.clock(), self.num_sms)
+                if predicted is not None:
+                    parts = measured_parts(plan, predicted, output, run_start, self.clock(), self.num_sms)
                     self.policy.observe(parts)
                 updates = self.scheduler.postprocess(plan, output)
             except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
@@ -149,10 +151,7 @@ class Engine:
                 outputs.append(self._output(req, new_tokens.get(request_id, [])))
                 if req.seq.is_finished:
                     del self._requests[request_id]
-        predicted = None
-        if plan is not None and self.latency_model is not None:
-            predicted = plan_times(self.latency_model, plan, self.num_sms)[2]
-        return StepResult(outputs, plan, start, self.clock(), predicted, self.num_sms, parts)
+        return StepResult(outputs, plan, start, self.clock(), predicted and predicted[2], self.num_sms, parts)
 
     def _fail_step(self, plan, error: Exception) -> None:
         """Ends the requests of a step that raised with finish_reason "abort" and the error, freeing their blocks;

@@ -159,9 +159,8 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
 def _activation_bytes(cfg: EngineConfig, c: ModelConfig, dtype: torch.dtype) -> int:
     """A generous bound on one step's (one rank's) live activations: a few token-wide buffers plus fp32 logits
     (gathered whole for sampling)."""
-    n = cfg.tensor_parallel_size
-    width = ((c.num_attention_heads // n + 2 * max(1, c.num_key_value_heads // n)) * c.head_dim
-             + 2 * c.intermediate_size // n + 2 * c.hidden_size)
+    s = model_shape(c, dtype, cfg.tensor_parallel_size)
+    width = (s.rank_heads + 2 * s.rank_kv_heads) * c.head_dim + 2 * s.rank_intermediate_size + 2 * c.hidden_size
     return 3 * cfg.max_num_batched_tokens * width * dtype.itemsize + cfg.max_num_seqs * c.vocab_size * 4
 
 

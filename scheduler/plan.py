@@ -117,13 +117,13 @@ class StepPart:
     measured: float
 
 
-def measured_parts(model: "LatencyModel", plan: Plan, output: StepOutput, start: float, end: float,
+def measured_parts(plan: Plan, predicted: tuple[float, float, float], output: StepOutput, start: float, end: float,
                    num_sms: int) -> list[StepPart]:
     """The parts of an executed plan whose times its token times reveal: an aggregated step is its span; a decode
     step is the span of its first request's k tokens over k; the prefill step is the time of its first sampled token,
     else the whole period when the prefill was predicted to be the period's critical path (the rest of the time the
-    decode steps hide it)."""
-    t_p, t_d, period = plan_times(model, plan, num_sms)
+    decode steps hide it). `predicted` is the plan's plan_times."""
+    t_p, t_d, period = predicted
     if isinstance(plan, AggregatedPlan):
         return [StepPart("aggregated", plan.num_sms or num_sms, t_p, end - start)]
     found = []

@@ -37,8 +37,8 @@ def test_multiplexed_step_by_hand():
     assert out.times[decode[0].seq.seq_id] == pytest.approx([2.0 + t_d, 2.0 + 2 * t_d, 2.0 + 3 * t_d], rel=1e-12)
     assert out.times[prefill[0].seq.seq_id] == pytest.approx([2.0 + t_p], rel=1e-12)
     assert executor.clock() == pytest.approx(2.0 + period, rel=1e-12)
-    found = {p.kind: (p.num_sms, p.predicted, p.measured) for p in measured_parts(MODEL, plan, out, 2.0,
-                                                                                    executor.clock(), 8)}
+    parts = measured_parts(plan, (t_p, t_d, period), out, 2.0, executor.clock(), 8)
+    found = {p.kind: (p.num_sms, p.predicted, p.measured) for p in parts}
     assert found["decode"] == pytest.approx((2, t_d, t_d), rel=1e-9)
     assert found["prefill"] == pytest.approx((6, t_p, t_p), rel=1e-9)
 
@@ -51,7 +51,8 @@ def test_aggregated_step_and_a_chunk_that_does_not_sample():
     executor = SimulatedExecutor(MODEL, 8, 100)
     out = executor.execute(plan)
     assert set(out.times) == {chunks[0].seq.seq_id}
-    assert measured_parts(MODEL, plan, out, 0.0, executor.clock(), 8) == [StepPart("aggregated", 8, t, pytest.approx(t))]
+    parts = measured_parts(plan, (t, t, t), out, 0.0, executor.clock(), 8)
+    assert parts == [StepPart("aggregated", 8, t, pytest.approx(t))]
 
 
 def test_static_policy_keeps_its_budget_among_the_choices():
