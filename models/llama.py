@@ -2,36 +2,22 @@
 
 q/k/v and gate/up are fused into single GEMM weights at load time; PyTorch only allocates tensors and takes views.
 """
-import contextlib
-import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from threadpoolctl import ThreadpoolController
 
 from minidu.kernels.gather import gather_rows
 from minidu.kernels.gemm import gemm
 from minidu.kernels.rmsnorm import rms_norm
 from minidu.kernels.rotary import rope_attention_factor, rope_inv_freq, rotary_embedding_and_store_kvcache
-from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET
+from minidu.kernels.platform import interpreter_blas
+from minidu.kernels.utils import FLOAT_DTYPES
 from minidu.models.attention import AttentionMetadata, paged_attention
 from minidu.models.config import ModelConfig
 
 # Checkpoint tensors that carry no weights (some exporters save the rotary buffer).
 _HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()  # finding the loaded BLAS libraries takes ~10 ms: once
-
-
-def _interpreter_blas():
-    """Single-threaded BLAS while the interpreter runs a forward pass (and nothing else: no environment variable).
-    Its tl.dot is a numpy matmul of one tile, too small to pay for waking BLAS threads; on a 2-core machine shared
-    with other work, two threads made those matmuls 5 to 70 times slower."""
-    return _blas_controller().limit(limits=1, user_api="blas") if INTERPRET else contextlib.nullcontext()
 
 
 @dataclass(slots=True)
@@ -156,7 +142,7 @@ class CausalLM:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_sms: int | None = None) -> torch.Tensor:
         """input_ids [T], positions [T] -> final-normed hidden states [T, H]; writes the tokens' k/v to kv_caches."""
         assert len(kv_caches) == len(self.layers), "one (k_cache, v_cache) pair per layer"
-        with _interpreter_blas():
+        with interpreter_blas():
             return self._forward(input_ids, positions, attn, kv_caches, num_sms)
 
     def _forward(self, input_ids, positions, attn, kv_caches, num_sms) -> torch.Tensor:
@@ -199,7 +185,7 @@ class CausalLM:
 
     def compute_logits(self, hidden: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
         """hidden [B, H] (already final-normed by forward) -> logits [B, V] via the lm_head GEMM."""
-        with _interpreter_blas():
+        with interpreter_blas():
             return gemm(hidden, self.lm_head, num_sms=num_sms)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
