@@ -51,7 +51,7 @@ class ModelRunner:
         self.device, self.block_size = device, block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches = allocate_kv_cache(config.num_hidden_layers, num_kv_blocks, block_size,
-                                           config.num_key_value_heads, config.head_dim, dtype, device)
+                                           model.num_kv_heads, config.head_dim, dtype, device)
         self.num_sms = device_num_sms(device.index or 0) if device.type == "cuda" else None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.graph_buckets = [b for b in _GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]

@@ -15,6 +15,7 @@ from minidu.kernels.platform import interpreter_blas
 from minidu.kernels.utils import FLOAT_DTYPES
 from minidu.models.attention import AttentionMetadata, paged_attention
 from minidu.models.config import ModelConfig
+from minidu.models.parallel import TensorParallel
 
 # Checkpoint tensors that carry no weights (some exporters save the rotary buffer).
 _HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -39,11 +40,13 @@ class DecoderLayer:
 class CausalLM:
     """Decoder-only LM over a paged KV cache: forward() gives final-normed hidden states, compute_logits() logits."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 tp: TensorParallel = TensorParallel()):
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype!r}")
-        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self.config, self.dtype, self.device, self.tp = config, dtype, torch.device(device), tp
         c = config
+        self.num_kv_heads = c.num_key_value_heads  # this rank's: what its KV cache holds
         qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
         self.embed_tokens = self._empty(c.vocab_size, c.hidden_size)
         self.layers = [

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from minidu.models.config import ModelConfig
 from minidu.models.gguf_loader import read_gguf
 from minidu.models.llama import CausalLM
+from minidu.models.parallel import TensorParallel
 from minidu.models.presets import MODEL_PRESETS
 
 logger = logging.getLogger("minidu")
@@ -87,10 +88,11 @@ def load_model(model: str, *, dtype: str | torch.dtype = "auto", device: torch.d
 
 
 def build_model(path: Path | None, config: ModelConfig, *, dtype: str | torch.dtype, device: torch.device | str,
-                load_format: str = "auto", seed: int = 0) -> CausalLM:
-    """The model of an already resolved checkpoint (`path` None: a preset, random weights)."""
+                load_format: str = "auto", seed: int = 0, tp: TensorParallel = TensorParallel()) -> CausalLM:
+    """The model of an already resolved checkpoint (`path` None: a preset, random weights), holding rank `tp.rank`'s
+    shard of the weights."""
     device = torch.device(device)
-    lm = CausalLM(config, resolve_dtype(dtype, config), device)
+    lm = CausalLM(config, resolve_dtype(dtype, config), device, tp)
     if path is None or load_format == "dummy":
         lm.init_random_weights(seed)
         return lm
