@@ -75,12 +75,12 @@ class CausalLM:
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype!r}")
         self.config, self.dtype, self.device, self.tp = config, dtype, torch.device(device), tp
-        c, shard = config, RankLayout.of(config, tp)
-        self.shard = shard
-        self.num_heads = shard.num_heads
-        self.num_kv_heads = shard.num_kv_heads  # this rank's: what its KV cache holds
-        qkv_rows = (shard.num_heads + 2 * shard.num_kv_heads) * c.head_dim
-        inter = shard.intermediate_size
+        c = config
+        self.layout = layout = RankLayout.of(config, tp)
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads  # this rank's: what its KV cache holds
+        qkv_rows = (layout.num_heads + 2 * layout.num_kv_heads) * c.head_dim
+        inter = layout.intermediate_size
         self.embed_tokens = self._vocab_table(extra_rows=1)
         self.layers = [
             DecoderLayer(
@@ -89,7 +89,7 @@ class CausalLM:
                 qkv_bias=self._empty(qkv_rows) if c.attention_bias else None,
                 q_norm=self._empty(c.head_dim) if c.qk_norm else None,
                 k_norm=self._empty(c.head_dim) if c.qk_norm else None,
-                o_proj=self._empty(c.hidden_size, shard.num_heads * c.head_dim),
+                o_proj=self._empty(c.hidden_size, layout.num_heads * c.head_dim),
                 o_bias=self._empty(c.hidden_size) if c.o_proj_bias else None,
                 post_attention_norm=self._empty(c.hidden_size),
                 gate_up_proj=self._empty(2 * inter, c.hidden_size),
@@ -100,7 +100,7 @@ class CausalLM:
             for _ in range(c.num_hidden_layers)
         ]
         self.norm = self._empty(c.hidden_size)
-        self.lm_head = self.embed_tokens[:shard.vocab_rows] if c.tie_word_embeddings else self._vocab_table(0)
+        self.lm_head = self.embed_tokens[:layout.vocab_rows] if c.tie_word_embeddings else self._vocab_table(0)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
         self.rope_attention_factor = rope_attention_factor(c.rope_scaling)
         self.scale = c.head_dim ** -0.5
@@ -113,13 +113,13 @@ class CausalLM:
         gather_vocab drops, and the embedding's extra row is what ids of the other ranks' shards look up."""
         if self.tp.size == 1:
             return self._empty(self.config.vocab_size, self.config.hidden_size)
-        rows = self.shard.vocab_rows + extra_rows
+        rows = self.layout.vocab_rows + extra_rows
         return torch.zeros(rows, self.config.hidden_size, dtype=self.dtype, device=self.device)
 
     def weight_targets(self) -> dict[str, tuple[torch.Tensor, Shard]]:
         """HF tensor name -> (the (view of the fused) tensor it loads into, the shard of the checkpoint tensor that
         this rank holds there), in checkpoint order."""
-        c, s = self.config, self.shard
+        c, s = self.config, self.layout
         vocab = Shard.slice((c.vocab_size, c.hidden_size), 0, s.vocab_start, s.vocab_stop - s.vocab_start)
         targets = {"model.embed_tokens.weight": (self.embed_tokens[:vocab.shape[0]], vocab)}
         for i, layer in enumerate(self.layers):
@@ -130,7 +130,7 @@ class CausalLM:
         return targets
 
     def _layer_targets(self, prefix: str, layer: DecoderLayer) -> dict[str, tuple[torch.Tensor, Shard]]:
-        c, s, rank = self.config, self.shard, self.tp.rank
+        c, s, rank = self.config, self.layout, self.tp.rank
         q_rows, kv_rows, inter = s.num_heads * c.head_dim, s.num_kv_heads * c.head_dim, s.intermediate_size
         q_full, kv_full, kv_start = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
             s.kv_head_start * c.head_dim
@@ -247,7 +247,7 @@ class CausalLM:
         # Vocab-parallel lookup (masked lookup + all-reduce, as vLLM does): ids of other ranks' shards read the zero
         # row past this shard, so the sum holds each token's one row exactly. An all-gather instead would need each
         # rank to know which tokens the others looked up; the all-reduce costs as much as a layer's.
-        s = self.shard
+        s = self.layout
         local = input_ids - s.vocab_start
         miss = (local < 0) | (local >= s.vocab_stop - s.vocab_start)
         local = local.masked_fill(miss, self.embed_tokens.shape[0] - 1)

@@ -1,14 +1,14 @@
 """Megatron tensor parallelism of CausalLM: 2 and 3 gloo ranks (spawned processes) give the single-process model's
 logits and greedy tokens on tiny safetensors and GGUF checkpoints; shards reassemble into the whole model, GGUF shards
 dequantize only their own blocks, and sizes the model cannot be split by are refused by name."""
-import numpy as np
 import pytest
 import torch
 
-from minidu.models import CausalLM, ModelConfig
 import minidu.models.gguf_loader as gguf_loader
+from minidu.models import CausalLM, ModelConfig
 from minidu.models.loader import build_model
-from minidu.models.parallel import Shard, TensorParallel
+from minidu.models.parallel import RankLayout, Shard, TensorParallel
+from minidu.scheduler.roofline import ModelShape
 from tests.models.checkpoints import tiny_config, write_checkpoint
 from tests.models.ranks import RankPool, generate_on_rank, load_config
 
@@ -126,16 +126,18 @@ def test_gguf_shard_reads_only_its_blocks(tmp_path, monkeypatch, qtype_name, sha
     assert whole_reads == (["blk.0.ffn_gate.weight"] if whole_read else [])
 
 
-def test_llama_gguf_qk_shards_are_unpermuted_per_head(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_shards_reassemble_into_the_whole_tensors(tmp_path, arch):
+    """llama q/k shards are unpermuted per head; qwen2's 1-D q/k/v biases are sliced like their weights."""
     gguf_files = pytest.importorskip("tests.models.gguf_files")
-    path = _write_gguf(tmp_path)
+    head_dim = gguf_files.HIDDEN // gguf_files.HEADS
+    state = gguf_files.tiny_hf_state(arch, head_dim, tied=False)
+    path = gguf_files.write_gguf(tmp_path / f"{arch}.gguf", arch, state, gguf_files.Q.Q8_0, head_dim)
     config = load_config(path)
     whole = build_model(path, config, dtype=torch.float32, device="cpu")
     models = [build_model(path, config, dtype=torch.float32, device="cpu", tp=_fake_tp(r, 2)) for r in range(2)]
-    for proj in ("q_proj", "k_proj"):
-        name = f"model.layers.1.self_attn.{proj}.weight"
-        assert torch.equal(_reassemble(models, name), whole.weight_targets()[name][0]), name
-    assert gguf_files.HEADS // 2 == models[0].num_heads
+    for name, (target, _) in whole.weight_targets().items():
+        assert torch.equal(_reassemble(models, name), target), name
 
 
 @pytest.mark.parametrize("overrides, size, message", [
@@ -164,3 +166,26 @@ def test_a_checkpoint_tensor_of_the_wrong_full_shape_is_refused_on_every_rank(tm
     named["model.layers.0.self_attn.q_proj.weight"] = torch.full((96, 64), float("nan"))
     with pytest.raises(ValueError, match="holds NaN"):
         CausalLM(config, torch.float32, "cpu", _fake_tp(1, 2)).load_state_dict(named.items())
+
+
+@pytest.mark.parametrize("heads, kv_heads, inter, vocab", [(4, 2, 96, 128), (8, 8, 64, 100), (12, 1, 48, 7)])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_rank_layout_agrees_with_the_latency_model(heads, kv_heads, inter, vocab, size):
+    """The roofline's per-rank sizes (what the scheduler predicts) are the ones the sharded model holds, and both
+    refuse the same sizes."""
+    config = ModelConfig.from_hf_dict(tiny_config("LlamaForCausalLM", num_attention_heads=heads, head_dim=16,
+                                                  num_key_value_heads=kv_heads, intermediate_size=inter,
+                                                  vocab_size=vocab))
+    shape = dict(num_layers=2, hidden_size=64, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                 intermediate_size=inter, vocab_size=vocab, tensor_parallel_size=size)
+    try:
+        rank_shape = ModelShape(**shape)
+    except ValueError:
+        with pytest.raises(ValueError, match=f"tensor_parallel_size={size} must divide"):
+            RankLayout.of(config, _fake_tp(0, size))
+        return
+    for rank in range(size):
+        layout = RankLayout.of(config, _fake_tp(rank, size))
+        assert (layout.num_heads, layout.num_kv_heads, layout.intermediate_size, layout.vocab_rows) == (
+            rank_shape.rank_heads, rank_shape.rank_kv_heads, rank_shape.rank_intermediate_size,
+            rank_shape.rank_vocab_size)
