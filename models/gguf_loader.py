@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidu.models.parallel import CheckpointTensor, Shard
+
 try:
     import gguf
 except ImportError:  # optional extra: pip install 'minidu[gguf]'
@@ -269,24 +271,56 @@ def gguf_hf_config(meta: dict, tensors, rope_freqs: np.ndarray | None = None) ->
     return config
 
 
-def _hf_tensors(reader, arch: str, config: dict, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(reader, arch: str, config: dict, dtype: torch.dtype) -> Iterator[tuple[str, CheckpointTensor]]:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
         name = hf_tensor_name(tensor.name)
-        data = _dequantize(tensor)
         # Only the llama converter permutes q/k (weights and biases); Qwen2/Qwen3 keep HF's layout.
+        permuted_heads = None
         if arch == "llama" and ".self_attn.q_proj." in name:
-            data = unpermute_qk(data, heads)
+            permuted_heads = heads
         elif arch == "llama" and ".self_attn.k_proj." in name:
-            data = unpermute_qk(data, kv_heads)
-        yield name, torch.from_numpy(data).to(dtype)
+            permuted_heads = kv_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        yield name, CheckpointTensor(shape, functools.partial(_read_shard, tensor, permuted_heads, dtype))
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
-              ) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
-    """(HF config dict, lazy iterator of (HF name, tensor in `dtype`)) for a llama / qwen2 / qwen3 GGUF file.
+def _read_shard(tensor, permuted_heads: int | None, dtype: torch.dtype, shard: Shard) -> torch.Tensor:
+    """One shard of a GGUF tensor in HF layout, dequantizing no more than the quant blocks it needs."""
+    data = _dequantize(tensor) if shard.dim is None else _dequantize_shard(tensor, shard)
+    if permuted_heads is not None:
+        # q/k shards are whole heads (rows), and the converter's permutation keeps each head's rows within the head,
+        # so unpermuting the shard's own heads gives the shard of the unpermuted tensor.
+        data = unpermute_qk(data, permuted_heads * shard.shape[0] // shard.full_shape[0])
+    return torch.from_numpy(data).to(dtype)
+
+
+def _dequantize_shard(tensor, shard: Shard) -> np.ndarray:
+    """float32 [shard.shape] of a GGUF tensor: a slice of rows reads only those rows' quant blocks. A slice along a
+    row (the columns of a row-parallel weight) reads only its blocks when both ends fall on quant block boundaries
+    (always for float types; Q8_0 and Q4_x blocks are 32 wide, K-quants 256); otherwise the rows are dequantized whole
+    and sliced."""
+    data = tensor.data  # numpy axis order; quantized types as uint8 [..., bytes per row]
+    if shard.dim == len(shard.full_shape) - 1:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        if shard.start % block or shard.stop % block:
+            return np.ascontiguousarray(_dequantize(tensor)[shard.index()])
+        if data.dtype == np.uint8:
+            part = data[..., shard.start // block * block_bytes:shard.stop // block * block_bytes]
+        else:
+            part = data[..., shard.start:shard.stop]
+    else:
+        part = data[shard.index()]
+    out = gguf.quants.dequantize(np.ascontiguousarray(part), tensor.tensor_type).reshape(shard.shape)
+    return out if out.flags.writeable else out.copy()
+
+
+def read_gguf_shards(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+                     ) -> tuple[dict, Iterator[tuple[str, CheckpointTensor]]]:
+    """(HF config dict, lazy iterator of (HF name, tensor not read yet)) for a llama / qwen2 / qwen3 GGUF file; reading
+    a shard of an item dequantizes only what that shard needs, in `dtype`.
 
     The architecture, tensor names and quantization types are all validated before the iterator is returned,
     so unsupported files fail here rather than halfway through loading. Tokenizer metadata: read_gguf_metadata.
@@ -302,3 +336,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
             hf_tensor_name(tensor.name)
         _check_dequantizable(tensor.name, tensor.tensor_type)
     return config, _hf_tensors(reader, meta["general.architecture"], config, dtype)
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+              ) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(HF config dict, lazy iterator of (HF name, whole tensor in `dtype`)): read_gguf_shards, every tensor read whole."""
+    config, tensors = read_gguf_shards(path, dtype)
+    return config, ((name, tensor.read(Shard(tensor.shape))) for name, tensor in tensors)

@@ -1,4 +1,5 @@
 """load_model: turns a local checkpoint directory, a preset name or a Hugging Face repo id into a ready CausalLM."""
+import functools
 import importlib.util
 import json
 import logging
@@ -10,9 +11,9 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from minidu.models.config import ModelConfig
-from minidu.models.gguf_loader import read_gguf
+from minidu.models.gguf_loader import read_gguf, read_gguf_shards
 from minidu.models.llama import CausalLM
-from minidu.models.parallel import TensorParallel
+from minidu.models.parallel import CheckpointTensor, Shard, TensorParallel
 from minidu.models.presets import MODEL_PRESETS
 
 logger = logging.getLogger("minidu")
@@ -64,15 +65,21 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, read lazily one tensor at a time."""
+def iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, CheckpointTensor]]:
+    """(name, tensor not read yet) for every tensor of every file; a shard read before the next item is taken reads
+    only that shard's bytes (safetensors slices)."""
     for file in files:
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    part = f.get_slice(name)
+                    yield name, CheckpointTensor(tuple(part.get_shape()), functools.partial(_read_slice, part))
         except SafetensorError as e:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _read_slice(part, shard: Shard) -> torch.Tensor:
+    return part[shard.index()]
 
 
 def load_model(model: str, *, dtype: str | torch.dtype = "auto", device: torch.device | str,
@@ -90,13 +97,16 @@ def load_model(model: str, *, dtype: str | torch.dtype = "auto", device: torch.d
 def build_model(path: Path | None, config: ModelConfig, *, dtype: str | torch.dtype, device: torch.device | str,
                 load_format: str = "auto", seed: int = 0, tp: TensorParallel = TensorParallel()) -> CausalLM:
     """The model of an already resolved checkpoint (`path` None: a preset, random weights), holding rank `tp.rank`'s
-    shard of the weights."""
+    shard of the weights; only that shard is read from the checkpoint."""
     device = torch.device(device)
     lm = CausalLM(config, resolve_dtype(dtype, config), device, tp)
     if path is None or load_format == "dummy":
         lm.init_random_weights(seed)
         return lm
-    tensors = read_gguf(path, lm.dtype)[1] if path.suffix == ".gguf" else iter_safetensors(safetensors_files(path), device)
+    if path.suffix == ".gguf":
+        tensors = read_gguf_shards(path, lm.dtype)[1]
+    else:
+        tensors = iter_safetensors(safetensors_files(path), device)
     try:
         # disable=None: a progress bar on terminals only (dequantizing a GGUF file takes a while on a CPU).
         lm.load_state_dict(tqdm(tensors, desc="loading weights", unit=" tensors", disable=None, leave=False))

@@ -71,16 +71,21 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         weights[p + "input_layernorm.weight"] = norm(hidden)
         for proj, n in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
             weights[f"{p}self_attn.{proj}.weight"] = linear(n * head_dim, hidden)
-            if arch == "Qwen2ForCausalLM":
+            if arch == "Qwen2ForCausalLM" or config.get("attention_bias"):
                 weights[f"{p}self_attn.{proj}.bias"] = 0.5 * torch.randn(n * head_dim, generator=generator)
         if arch == "Qwen3ForCausalLM":
             weights[p + "self_attn.q_norm.weight"] = norm(head_dim)
             weights[p + "self_attn.k_norm.weight"] = norm(head_dim)
         weights[p + "self_attn.o_proj.weight"] = linear(hidden, heads * head_dim)
+        if config.get("attention_bias") and arch != "Qwen2ForCausalLM":  # Llama's and Qwen3's switch covers o_proj
+            weights[p + "self_attn.o_proj.bias"] = 0.5 * torch.randn(hidden, generator=generator)
         weights[p + "post_attention_layernorm.weight"] = norm(hidden)
         weights[p + "mlp.gate_proj.weight"] = linear(inter, hidden)
         weights[p + "mlp.up_proj.weight"] = linear(inter, hidden)
         weights[p + "mlp.down_proj.weight"] = linear(hidden, inter)
+        for proj, size in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
+            if config.get("mlp_bias") and arch == "LlamaForCausalLM":
+                weights[f"{p}mlp.{proj}.bias"] = 0.5 * torch.randn(size, generator=generator)
     weights["model.norm.weight"] = norm(hidden)
     if not config.get("tie_word_embeddings", False):
         weights["lm_head.weight"] = linear(config["vocab_size"], hidden)

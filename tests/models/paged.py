@@ -12,7 +12,7 @@ class PagedRunner:
         generator = torch.Generator().manual_seed(seed)
         self.model, self.block_size, self.max_blocks, self.num_sms = model, block_size, max_blocks, num_sms
         self.free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, c.head_dim)  # this rank's kv heads
         # Large finite garbage in unwritten slots: any read past a sequence's end shows up in the logits.
         self.kv_caches = [tuple((100 * torch.randn(shape, generator=generator)).to(model.device, model.dtype)
                                 for _ in range(2))
