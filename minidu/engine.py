@@ -12,6 +12,7 @@ from minidu.sampling_params import SamplingParams
 from minidu.scheduler.plan import measured_parts, plan_chunks, plan_times
 from minidu.scheduler.sequence import Sequence
 from minidu.tokenizer import IncrementalDetokenizer, find_stop
+from minidu.tp_executor import RankFailedError
 
 
 @dataclass(slots=True)
@@ -47,6 +48,19 @@ class Engine:
         self._rng = random.Random(self.config.seed)
         self._requests: dict[str, _Request] = {}
         self._rejected: list[RequestOutput] = []
+        self._fatal: RankFailedError | None = None  # a lost tensor-parallel rank: no step can run again
+
+    def shutdown(self) -> None:
+        """Stops the engine's other processes (tensor-parallel ranks), if any; idempotent."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ---- requests ----
 
@@ -139,6 +153,10 @@ class Engine:
                     parts = measured_parts(plan, predicted, output, run_start, self.clock(), self.num_sms)
                     self.policy.observe(parts)
                 updates = self.scheduler.postprocess(plan, output)
+            except RankFailedError as e:
+                self._fail_step(plan, e)
+                self._fatal = e
+                raise
             except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
                 self._fail_step(plan, e)
                 updates = []
