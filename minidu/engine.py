@@ -71,7 +71,10 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queues a request; returns its id. A request that cannot run (for example a prompt longer than
-        max_model_len) is not raised: it finishes at the next step with finish_reason "abort" and `error` set."""
+        max_model_len) is not raised: it finishes at the next step with finish_reason "abort" and `error` set. Raises
+        RankFailedError once a tensor-parallel rank is lost."""
+        if self._fatal is not None:
+            raise self._fatal
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -138,7 +141,10 @@ class Engine:
 
     def step(self) -> StepResult:
         """Runs one step: the policy chooses a plan from the scheduler's proposal, the scheduler commits it, the
-        executor runs it. Returns an output for each request that gained tokens or finished, with the plan."""
+        executor runs it. Returns an output for each request that gained tokens or finished, with the plan.
+        Raises RankFailedError, now and at every later step, once a tensor-parallel rank is lost."""
+        if self._fatal is not None:
+            raise self._fatal
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
         plan, predicted, parts, start = None, None, [], self.clock()

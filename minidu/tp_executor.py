@@ -145,12 +145,12 @@ class TensorParallelExecutor:
     def _check_ranks(self, timeout: float) -> None:
         """Fails the engine if, within `timeout` seconds, a rank reports an exception or dies (after start-up a
         rank sends nothing else)."""
-        if not multiprocessing.connection.wait(self._conns + [p.sentinel for p in self._procs], timeout):
-            return
-        for rank, conn in enumerate(self._conns, start=1):
-            if conn.poll():
+        ready = multiprocessing.connection.wait(self._conns + [p.sentinel for p in self._procs], timeout)
+        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs), start=1):
+            if conn in ready:
                 self._receive(rank, "nothing")
-        self._check_alive()
+            if proc.sentinel in ready:
+                self._fail(rank, self._death(rank))
 
     def _fail(self, rank: int, cause: str, source: BaseException | None = None):
         pid = "" if rank == 0 else f" (pid {self._procs[rank - 1].pid})"
