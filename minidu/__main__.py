@@ -20,6 +20,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over, one process each")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +50,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     for name, kind in (("dtype", str), ("device", str), ("block-size", int), ("num-kv-blocks", int),
                        ("gpu-memory-utilization", float), ("max-num-seqs", int), ("max-num-batched-tokens", int),
                        ("max-model-len", int), ("load-format", str), ("seed", int), ("policy", str),
-                       ("tbt-slo-ms", float), ("backend", str), ("hardware", str), ("decode-sms", int)):
+                       ("tbt-slo-ms", float), ("backend", str), ("hardware", str), ("decode-sms", int),
+                       ("tensor-parallel-size", int), ("distributed-timeout-s", float)):
         p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help="as minidu.Engine's "
                        f"{name.replace('-', '_')}")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -111,9 +113,16 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
         engine = Engine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        enforce_eager=args.enforce_eager, max_num_seqs=8, max_num_batched_tokens=2048)
+                        enforce_eager=args.enforce_eager, max_num_seqs=8, max_num_batched_tokens=2048,
+                        tensor_parallel_size=args.tensor_parallel_size)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    with engine:
+        answer(engine, args, params)
+
+
+def answer(engine, args: argparse.Namespace, params: SamplingParams) -> None:
+    """Streams the continuation (generate) or the reply (chat) of the command line's prompt."""
     if args.command == "generate":
         stream(engine, _prompt(args.prompt), params)
         return

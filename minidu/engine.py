@@ -12,6 +12,7 @@ from minidu.sampling_params import SamplingParams
 from minidu.scheduler.plan import measured_parts, plan_chunks, plan_times
 from minidu.scheduler.sequence import Sequence
 from minidu.tokenizer import IncrementalDetokenizer, find_stop
+from minidu.tp_executor import RankFailedError
 
 
 @dataclass(slots=True)
@@ -47,6 +48,19 @@ class Engine:
         self._rng = random.Random(self.config.seed)
         self._requests: dict[str, _Request] = {}
         self._rejected: list[RequestOutput] = []
+        self._fatal: RankFailedError | None = None  # a lost tensor-parallel rank: no step can run again
+
+    def shutdown(self) -> None:
+        """Stops the engine's other processes (tensor-parallel ranks), if any; idempotent."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ---- requests ----
 
@@ -57,7 +71,10 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queues a request; returns its id. A request that cannot run (for example a prompt longer than
-        max_model_len) is not raised: it finishes at the next step with finish_reason "abort" and `error` set."""
+        max_model_len) is not raised: it finishes at the next step with finish_reason "abort" and `error` set. Raises
+        RankFailedError once a tensor-parallel rank is lost."""
+        if self._fatal is not None:
+            raise self._fatal
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -124,7 +141,10 @@ class Engine:
 
     def step(self) -> StepResult:
         """Runs one step: the policy chooses a plan from the scheduler's proposal, the scheduler commits it, the
-        executor runs it. Returns an output for each request that gained tokens or finished, with the plan."""
+        executor runs it. Returns an output for each request that gained tokens or finished, with the plan.
+        Raises RankFailedError, now and at every later step, once a tensor-parallel rank is lost."""
+        if self._fatal is not None:
+            raise self._fatal
         outputs, self._rejected = self._rejected, []
         new_tokens: dict[str, list[int]] = {}
         plan, predicted, parts, start = None, None, [], self.clock()
@@ -139,6 +159,10 @@ class Engine:
                     parts = measured_parts(plan, predicted, output, run_start, self.clock(), self.num_sms)
                     self.policy.observe(parts)
                 updates = self.scheduler.postprocess(plan, output)
+            except RankFailedError as e:
+                self._fail_step(plan, e)
+                self._fatal = e
+                raise
             except Exception as e:  # noqa: BLE001  (any failure of the step must not strand the others)
                 self._fail_step(plan, e)
                 updates = []

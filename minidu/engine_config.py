@@ -12,6 +12,7 @@ from minidu.model_runner import ModelRunner
 from minidu.models.attention import AttentionMetadata
 from minidu.models.config import ModelConfig
 from minidu.models.loader import build_model, resolve_dtype, resolve_model
+from minidu.models.parallel import TensorParallel
 from minidu.scheduler.block_manager import BlockManager
 from minidu.kernels.utils import device_num_sms
 from minidu.scheduler.hardware import HardwareProfile, load_profile
@@ -54,7 +55,10 @@ class EngineConfig:
     # runs. None: scheduler.partition.default_decode_sms_choices (16, 32, ..., 112 on 132 SMs).
     decode_sms_choices: tuple[int, ...] | None = None
     allow_long_max_model_len: bool = False  # max_model_len above max_position_embeddings (vLLM's override)
-    tensor_parallel_size: int = 1  # GPUs the model is sharded over (simulated only, so far)
+    tensor_parallel_size: int = 1  # GPUs (on the CPU: processes) the model is sharded over, one process each
+    # How long a collective between tensor-parallel ranks may wait before it raises (start-up included: rank 0's
+    # rendezvous with the others); a rank that dies is noticed sooner, by its process ending.
+    distributed_timeout_s: float = 600.0
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
@@ -73,9 +77,8 @@ class EngineConfig:
             self.decode_sms_choices = tuple(sorted(set(choices)))
         if self.backend not in ("gpu", "sim"):
             raise ValueError(f"backend must be 'gpu' (run the model) or 'sim' (simulate it), got {self.backend!r}")
-        if self.tensor_parallel_size != 1 and self.backend != "sim":
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism runs only in the "
-                             f"simulator (backend='sim') so far; the {self.backend!r} backend runs on one GPU")
+        if not _is_number(self.distributed_timeout_s) or not 0 < self.distributed_timeout_s < math.inf:
+            raise ValueError(f"distributed_timeout_s must be a number of seconds > 0, got {self.distributed_timeout_s!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         for name in ("enable_prefix_caching", "enforce_eager", "allow_long_max_model_len"):
@@ -117,7 +120,7 @@ class EngineParts:
     model_config: ModelConfig
     tokenizer: Tokenizer | None
     scheduler: Scheduler
-    executor: ModelRunner | SimulatedExecutor
+    executor: ModelRunner | SimulatedExecutor  # or, past one rank, a tp_executor.TensorParallelExecutor
     policy: object
     max_model_len: int
     latency_model: LatencyModel | None
@@ -210,8 +213,8 @@ def profile_peak_activation(model, cfg: EngineConfig, model_config: ModelConfig,
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    caches = allocate_kv_cache(model_config.num_hidden_layers, blocks, cfg.block_size,
-                               model_config.num_key_value_heads, model_config.head_dim, dtype, device)
+    caches = allocate_kv_cache(model_config.num_hidden_layers, blocks, cfg.block_size, model.num_kv_heads,
+                               model_config.head_dim, dtype, device)
     i32 = dict(dtype=torch.int32, device=device)
     positions = torch.arange(tokens, device=device)
     empty = torch.zeros(0, **i32)
@@ -294,12 +297,53 @@ def decode_sms_choices(cfg: EngineConfig, num_sms: int) -> tuple[int, ...]:
     return tuple(sorted(c for c in choices if c < num_sms))
 
 
+def check_tensor_parallel(cfg: EngineConfig, device: torch.device) -> None:
+    """On CUDA every rank takes one GPU, cuda:0 to cuda:N-1."""
+    size = cfg.tensor_parallel_size
+    if size == 1 or device.type != "cuda":
+        return
+    if device.index not in (None, 0):
+        raise ValueError(f"tensor_parallel_size={size} puts rank r on cuda:r; device must be cuda or cuda:0, "
+                         f"got {device}")
+    if size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={size} needs {size} CUDA devices, one a rank; "
+                         f"{torch.cuda.device_count()} are visible")
+
+
+def start_ranks(cfg: EngineConfig, path, model_config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """The executor of rank 0 with the other ranks spawned and joined (None at tensor_parallel_size 1)."""
+    if cfg.tensor_parallel_size == 1:
+        return None
+    # Imported here: the workers import this module for its KV sizing.
+    from minidu.tp_executor import TensorParallelExecutor
+    from minidu.tp_worker import WorkerSetup
+
+    return TensorParallelExecutor(WorkerSetup(cfg, path, model_config, dtype, "", device.type))
+
+
 def build_parts(cfg: EngineConfig) -> EngineParts:
     sim = cfg.backend == "sim"
     device = torch.device("cpu") if sim else resolve_device(cfg.device)
     path, model_config = resolve_model(cfg.model, "dummy" if sim else cfg.load_format)
     check_max_model_len(cfg, model_config)
     dtype = resolve_dtype(cfg.dtype, model_config) if sim else engine_dtype(cfg.dtype, model_config, device)
+    if sim:
+        return _assemble(cfg, path, model_config, device, dtype, None)
+    check_tensor_parallel(cfg, device)
+    tp = start_ranks(cfg, path, model_config, dtype, device)
+    try:
+        return _assemble(cfg, path, model_config, torch.device("cuda", 0) if tp and device.type == "cuda" else device,
+                         dtype, tp)
+    except BaseException:
+        if tp is not None:
+            tp.shutdown()
+        raise
+
+
+def _assemble(cfg: EngineConfig, path, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+              tp) -> EngineParts:
+    """Model (rank 0's shard under `tp`), KV cache, scheduler, policy and executor."""
+    sim = cfg.backend == "sim"
     hw = hardware_profile(cfg, device)
     num_sms = hw.num_sms if hw is not None else device_num_sms()
     choices = decode_sms_choices(cfg, num_sms)
@@ -309,10 +353,13 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
         num_blocks = sim_num_kv_blocks(cfg, model_config, hw, dtype)
         model = tokenizer = None
     else:
-        # The weights first, then the KV cache in what they and a peak forward pass leave.
+        # The weights first, then the KV cache in what they and a peak forward pass leave (on every rank: the
+        # smallest wins).
         model = build_model(path, model_config, dtype=dtype, device=device, load_format=cfg.load_format,
-                            seed=cfg.seed)
+                            seed=cfg.seed, tp=tp.tp if tp is not None else TensorParallel())
         num_blocks = num_kv_blocks_for(cfg, model_config, device, dtype, model)
+        if tp is not None:
+            num_blocks = tp.agree_num_kv_blocks(num_blocks)
         tokenizer = Tokenizer.from_path(str(path)) if path else None
     capacity = num_blocks * cfg.block_size
     max_model_len = cfg.max_model_len or min(model_config.max_position_embeddings, capacity)
@@ -324,14 +371,18 @@ def build_parts(cfg: EngineConfig) -> EngineParts:
     if sim:
         executor = SimulatedExecutor(latency, hw.num_sms, model_config.vocab_size)
     else:
-        executor = ModelRunner(model, model_config, num_kv_blocks=num_blocks, block_size=cfg.block_size,
-                               max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len, device=device, dtype=dtype,
-                               use_cuda_graph=not cfg.enforce_eager,
-                               decode_sms_choices=choices if cfg.policy in ("static", "duet") or cfg.decode_sms_choices
-                               else ())
-    logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s", cfg.model,
+        options = dict(num_kv_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                       max_model_len=max_model_len, dtype=dtype, use_cuda_graph=not cfg.enforce_eager,
+                       decode_sms_choices=choices if cfg.policy in ("static", "duet") or cfg.decode_sms_choices else ())
+        if tp is None:
+            executor = ModelRunner(model, model_config, device=device, **options)
+        else:
+            tp.start_runners(model, model_config, device, options)
+            executor = tp
+    logger.info("%s (%s backend) on %s, %s: %d KV blocks of %d tokens, max_model_len %d, policy %s%s", cfg.model,
                 cfg.backend, hw.name if sim else f"{device}{' (Triton interpreter)' if INTERPRET else ''}", dtype,
-                num_blocks, cfg.block_size, max_model_len, cfg.policy)
+                num_blocks, cfg.block_size, max_model_len, cfg.policy,
+                f", tensor parallel {cfg.tensor_parallel_size}" if cfg.tensor_parallel_size > 1 else "")
     return EngineParts(model_config, tokenizer, scheduler, executor, policy, max_model_len, latency, num_sms)
 
 

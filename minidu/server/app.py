@@ -219,10 +219,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 def serve(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_body_bytes: int = 1 << 20,
           shutdown_timeout: float = 30.0) -> None:
     """Serves `engine` until SIGINT or SIGTERM; then new connections are refused, requests in flight get up to
-    `shutdown_timeout` seconds to finish, and what remains is aborted."""
+    `shutdown_timeout` seconds to finish, and what remains is aborted; last the engine stops its other ranks."""
     import uvicorn
 
     from minidu.server.prometheus import ServerMetrics
 
     app = build_app(EngineLoop(engine, ServerMetrics(model_name)), model_name, max_body_bytes)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="info")
+    try:
+        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="info")
+    finally:
+        engine.shutdown()

@@ -46,6 +46,7 @@ def test_chat_uses_the_template(checkpoint, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/model", "--prompt", "x"], "no/such/model"),
     (["generate", "--model", "qwen3-0.6b", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["chat", "--model", "qwen3-0.6b", "--tensor-parallel-size", "0", "Hi"], "tensor_parallel_size must be an int"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):

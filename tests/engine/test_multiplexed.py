@@ -6,26 +6,11 @@ import pytest
 import minidu
 from minidu import SamplingParams
 from minidu.scheduler.plan import MultiplexedPlan
-from tests.engine.helpers import make_engine
+from tests.engine.helpers import LookaheadPolicy, make_engine
 from tests.models.checkpoints import write_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]
-LOOKAHEAD_OPTIONS = dict(decode_sms_choices=(5,))
-
-
-class LookaheadPolicy:
-    """Always multiplexed: prefill on 3 programs, k decode steps on 5 (engines running it on CUDA graphs need
-    decode_sms_choices=(5,), LOOKAHEAD_OPTIONS)."""
-
-    name = "test-lookahead"
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def plan(self, scheduler):
-        proposal = scheduler.propose()
-        prefill, decode = proposal.split()
-        return MultiplexedPlan(prefill, 3, decode, 5, self.k, preempt=proposal.preempt)
+LOOKAHEAD_OPTIONS = dict(decode_sms_choices=(5,))  # the budget LookaheadPolicy gives decode, for CUDA graphs
 
 
 @pytest.fixture(scope="module")

@@ -141,9 +141,7 @@ def test_ranks_without_a_known_interconnect_are_refused():
         LatencyModel(TINY_TP2, hw)
 
 
-def test_engine_config_refuses_tp_outside_the_simulator():
-    with pytest.raises(ValueError, match="only in the simulator"):
-        EngineConfig("qwen3-0.6b", tensor_parallel_size=2)
+def test_engine_config_checks_tensor_parallel_size():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig("qwen3-0.6b", backend="sim", tensor_parallel_size=0)
     assert EngineConfig("qwen3-0.6b", tensor_parallel_size=1).tensor_parallel_size == 1
