@@ -44,10 +44,29 @@ def _require_gguf() -> None:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'minidu[gguf]'")
 
 
+@functools.cache  # one class (gguf is an optional import, so it cannot be defined at module level)
+def _plain_array_reader() -> type:
+    """gguf.GGUFReader over a plain ndarray view of its memory map. The reader slices its `data` once per metadata
+    value (about 250,000 slices for a 49k-token vocabulary), and np.memmap runs Python hooks on every slice: on a plain
+    view of the same mapping the parse takes a quarter of the time (3.0 s -> 0.8 s for SmolLM2) and reads the same
+    bytes."""
+
+    class PlainArrayReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)  # the view keeps the memmap (and the mapping) alive
+
+    return PlainArrayReader
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
     try:
-        return gguf.GGUFReader(path)
+        return _plain_array_reader()(path)
     except ValueError as e:  # bad magic, unsupported version, truncated header
         raise ValueError(f"path {path!r} is not a readable GGUF file: {e}") from e
 

@@ -203,3 +203,21 @@ def test_smollm2_gguf_config_and_tensors():
     assert first["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert first["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
     assert all(torch.isfinite(t).all() for t in first.values())
+
+
+def test_reader_parses_what_gguf_parses(tmp_path):
+    """minidu's reader (gguf's parser over a plain view of the memory map) against gguf.GGUFReader itself: the same
+    fields, the same tensor infos and the same tensor bytes."""
+    from minidu.models.gguf_loader import _open_reader
+
+    path = write_gguf(tmp_path / "reader.gguf", "llama", tiny_hf_state("llama", HIDDEN // HEADS, False), Q.Q4_1,
+                      HIDDEN // HEADS, extra=[lambda w: w.add_token_list([f"tok{i}" for i in range(300)])])
+    ours, theirs = _open_reader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].types == field.types, name
+        assert [p.tobytes() for p in ours.fields[name].parts] == [p.tobytes() for p in field.parts], name
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == [f"tok{i}" for i in range(300)]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
+        np.testing.assert_array_equal(a.data, b.data)
