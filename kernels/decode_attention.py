@@ -45,7 +45,7 @@ def _decode_split_kernel(
     # Only splits that hold keys of the batch's longest context get tiles: the grid is sized for the block tables'
     # capacity (fixed under CUDA graphs), the work follows the real contexts, whatever the SM budget.
     seqs = tl.arange(0, SEQS_PAD)
-    longest = tl.max(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0)
+    longest = tl.max(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0).to(IDX)
     active_splits = tl.minimum(tl.maximum((longest + partition_size - 1) // partition_size, 1), num_splits)
     num_tiles = tl.cast(num_seqs, IDX) * kv_tiles * active_splits
     # A tile serves KV_PER_TILE kv heads and the GROUP query heads sharing each (padded to BLOCK_H >= 16 rows for

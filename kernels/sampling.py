@@ -14,6 +14,11 @@ from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_pow
 # integers, so 8 steps of 16 pivots (16**8 == 2**32) isolate a single key exactly.
 _NUM_PIVOTS = 16
 _SEARCH_STEPS = 8
+# ---- interpreter-only tiles (kernels/tiles.py is where tile tables live; to move there) ----
+# Elements of an interpreted [ROWS, SCAN_V] chunk of the passes that only take maxima (the greedy pass and the race):
+# their result does not depend on how the row is chunked, so the interpreter, which pays per op, scans the
+# vocabulary in as few chunks as fit (SmolLM2's 49152 logits: one instead of 24). Read at call time: tests shrink it.
+INTERPRET_SCAN_ELEMS = 131072
 # Padding key, below the key of every real value (-inf included), so padded columns are never kept.
 _PAD_KEY = tl.constexpr(-(2**31))
 # Above or equal to every real key: the start of a running minimum.
@@ -25,7 +30,8 @@ def _load_scaled(
     logits_ptr,  # [B, V], strides (stride_b, 1)
     rows, row_mask, cols, stride_b, scale, V,
 ):
-    """Scaled logits z = x / scale in fp32 for a [ROWS, BLOCK_V] chunk, their int32 keys and the validity mask."""
+    """Scaled logits z = x / scale in fp32 for a [ROWS, chunk] block of columns, their int32 keys and the validity
+    mask."""
     valid = row_mask[:, None] & (cols < V)[None, :]
     x = tl.load(logits_ptr + (rows * stride_b)[:, None] + cols[None, :], mask=valid, other=float("-inf"))
     z = x.to(tl.float32) / scale[:, None]
@@ -91,7 +97,7 @@ def _mass_above(
 
 @triton.jit
 def _first_argmax(lane_best, lane_index, V):
-    """Row max of per-lane maxima [ROWS, BLOCK_V] and the lowest vocab index reaching it.
+    """Row max of per-lane maxima [ROWS, SCAN_V] and the lowest vocab index reaching it.
 
     Each lane keeps its first maximum (strict updates over increasing columns), so the lowest index among the lanes
     that reach the row max is the row's first maximum.
@@ -104,13 +110,13 @@ def _first_argmax(lane_best, lane_index, V):
 def _race(
     logits_ptr,  # [B, V], strides (stride_b, 1)
     rows, row_mask, stride_b, scale, V, threshold, seed, step, fallback,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, SCAN_V: tl.constexpr,
 ):
     """argmax over kept tokens of z - log(E), E ~ Exp(1): an exact draw from softmax(z) restricted to the kept set."""
-    lane_best = tl.full((ROWS, BLOCK_V), float("-inf"), dtype=tl.float32)
-    lane_token = tl.zeros((ROWS, BLOCK_V), dtype=tl.int32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    lane_best = tl.full((ROWS, SCAN_V), float("-inf"), dtype=tl.float32)
+    lane_token = tl.zeros((ROWS, SCAN_V), dtype=tl.int32)
+    for start in range(0, V, SCAN_V):
+        cols = start + tl.arange(0, SCAN_V)
         z, key, valid = _load_scaled(logits_ptr, rows, row_mask, cols, stride_b, scale, V)
         # Philox key = seed, counter = (vocab index, step mod 2**32): independent streams per request and per step.
         counter = (step << 32)[:, None] + cols.to(tl.int64)[None, :]
@@ -135,7 +141,8 @@ def _sample_kernel(
     out_ptr,  # [B] int64
     B, V, stride_b, num_tiles,
     NUM_PROGRAMS,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr, NUM_STEPS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SCAN_V: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    NUM_STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
@@ -147,12 +154,12 @@ def _sample_kernel(
         scale = tl.where(sampled, temperature, 1.0)
 
         # Pass 1: row max with its lowest index (the greedy token) and the key range the searches start from.
-        lane_max = tl.full((ROWS, BLOCK_V), float("-inf"), dtype=tl.float32)
-        lane_arg = tl.zeros((ROWS, BLOCK_V), dtype=tl.int32)
-        lane_kmin = tl.full((ROWS, BLOCK_V), _MAX_KEY, dtype=tl.int32)
-        lane_kmax = tl.full((ROWS, BLOCK_V), _PAD_KEY, dtype=tl.int32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+        lane_max = tl.full((ROWS, SCAN_V), float("-inf"), dtype=tl.float32)
+        lane_arg = tl.zeros((ROWS, SCAN_V), dtype=tl.int32)
+        lane_kmin = tl.full((ROWS, SCAN_V), _MAX_KEY, dtype=tl.int32)
+        lane_kmax = tl.full((ROWS, SCAN_V), _PAD_KEY, dtype=tl.int32)
+        for start in range(0, V, SCAN_V):
+            cols = start + tl.arange(0, SCAN_V)
             z, key, valid = _load_scaled(logits_ptr, rows, row_mask, cols, stride_b, scale, V)
             better = z > lane_max
             lane_max = tl.where(better, z, lane_max)
@@ -192,7 +199,7 @@ def _sample_kernel(
             seed = tl.load(seeds_ptr + rows, mask=row_mask, other=0)
             step = tl.load(steps_ptr + rows, mask=row_mask, other=0)
             drawn = _race(logits_ptr, rows, row_mask, stride_b, scale, V, threshold, seed, step, greedy_token,
-                          ROWS, BLOCK_V)
+                          ROWS, SCAN_V)
             token = tl.where(greedy, greedy_token, drawn)
         tl.store(out_ptr + rows, token, mask=row_mask)
 
@@ -207,15 +214,18 @@ def _check_values(temperatures: torch.Tensor, top_ps: torch.Tensor) -> None:
         raise ValueError(f"top_ps must lie in (0, 1], got {top_ps[bad][:4].tolist()}")
 
 
-def _tile_shape(vocab: int) -> tuple[int, int]:
-    """(rows per tile, vocab chunk). Only V decides it, never B or num_sms, so a row is always reduced in one order."""
+def _tile_shape(vocab: int) -> tuple[int, int, int]:
+    """(rows per tile, vocab chunk of the sums, vocab chunk of the maxima). Only V decides it, never B or num_sms, so a
+    row is always reduced in one order."""
     if INTERPRET:
         # Interpreter cost is per op, not per element: many rows per tile, up to 64K elements in the
         # [rows, pivots, chunk] comparisons.
         block_v = min(next_power_of_2(vocab), 2048)
-        return max(1, min(512, 65536 // (_NUM_PIVOTS * block_v))), block_v
+        rows = max(1, min(512, 65536 // (_NUM_PIVOTS * block_v)))
+        return rows, block_v, min(next_power_of_2(vocab), max(block_v, INTERPRET_SCAN_ELEMS // rows))
     # On CUDA one row per program streams the vocab in chunks small enough for the [pivots, chunk] comparisons.
-    return 1, min(next_power_of_2(vocab), 512)
+    block_v = min(next_power_of_2(vocab), 512)
+    return 1, block_v, block_v
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
@@ -247,7 +257,7 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
     if device.type == "cpu":
         _check_values(temperatures, top_ps)
 
-    rows, block_v = _tile_shape(vocab)
+    rows, block_v, scan_v = _tile_shape(vocab)
     num_tiles = triton.cdiv(batch, rows)
     grid = num_programs(num_tiles, num_sms, device)
     if batch == 0:
@@ -255,6 +265,6 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
     _sample_kernel[(grid,)](
         logits, temperatures, top_ks, top_ps, seeds, steps, out,
         batch, vocab, logits.stride(0), num_tiles, grid,
-        ROWS=rows, BLOCK_V=block_v, NUM_PIVOTS=_NUM_PIVOTS, NUM_STEPS=_SEARCH_STEPS, num_warps=8,
+        ROWS=rows, BLOCK_V=block_v, SCAN_V=scan_v, NUM_PIVOTS=_NUM_PIVOTS, NUM_STEPS=_SEARCH_STEPS, num_warps=8,
     )
     return out

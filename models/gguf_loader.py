@@ -46,10 +46,29 @@ def _require_gguf() -> None:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'minidu[gguf]'")
 
 
+@functools.cache  # one class (gguf is an optional import, so it cannot be defined at module level)
+def _plain_array_reader() -> type:
+    """gguf.GGUFReader over a plain ndarray view of its memory map. The reader slices its `data` once per metadata
+    value (about 250,000 slices for a 49k-token vocabulary), and np.memmap runs Python hooks on every slice: on a plain
+    view of the same mapping the parse takes a quarter of the time (3.0 s -> 0.8 s for SmolLM2) and reads the same
+    bytes."""
+
+    class PlainArrayReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)  # the view keeps the memmap (and the mapping) alive
+
+    return PlainArrayReader
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
     try:
-        return gguf.GGUFReader(path)
+        return _plain_array_reader()(path)
     except ValueError as e:  # bad magic, unsupported version, truncated header
         raise ValueError(f"path {path!r} is not a readable GGUF file: {e}") from e
 
@@ -111,9 +130,31 @@ def _check_dequantizable(name: str, qtype) -> None:
                          "which gguf.quants cannot dequantize") from None
 
 
+# Elements per dequantization call. gguf.quants.dequantize works 16 rows a call, and on rows as short as SmolLM2's
+# (576) its numpy calls' overhead costs more than their arithmetic (about 11 ns an element for Q4_1); chunks of 65536
+# elements run the same per-block arithmetic, so the same floats, twice as fast, with temporaries that stay in cache.
+_DEQUANT_CHUNK_ELEMS = 2 ** 16
+
+
+def _dequantize_data(data: np.ndarray, qtype) -> np.ndarray:
+    """gguf.quants.dequantize(data, qtype), through its quantization class's own dequantize_rows in big chunks."""
+    quant = getattr(gguf.quants, qtype.name, None)
+    if quant is None or not hasattr(quant, "dequantize_rows") or data.dtype != np.uint8:
+        return gguf.quants.dequantize(data, qtype)
+    quant.init_grid()  # the lookup tables of the IQ types, as gguf.quants.dequantize prepares them
+    rows = data.reshape(-1, data.shape[-1])
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    row_elems = rows.shape[1] // type_size * block_size
+    step = max(1, _DEQUANT_CHUNK_ELEMS // max(row_elems, 1))
+    out = np.empty((rows.shape[0], row_elems), dtype=np.float32)
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = quant.dequantize_rows(rows[start:start + step])
+    return out.reshape(*data.shape[:-1], row_elems)
+
+
 def _dequantize(tensor) -> np.ndarray:
     """float32 array in numpy (= HF) axis order: GGUF lists dims fastest-first (ne0 = row length)."""
-    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    data = _dequantize_data(tensor.data, tensor.tensor_type)
     data = data.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
     return data if data.flags.writeable else data.copy()
 

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minidu.kernels import prefill_attention as prefill_module
 from minidu.kernels.prefill_attention import prefill_attention
 from tests.conftest import DEVICE
 
@@ -85,10 +86,15 @@ def run(batch: dict, num_sms: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@given(case=prefill_cases(), num_sms=st.integers(1, 48))
-def test_matches_reference(dtype, case, num_sms):
+@given(case=prefill_cases(), num_sms=st.integers(1, 48),
+       score_elems=st.sampled_from([1024, prefill_module.INTERPRET_SCORE_ELEMS]))
+def test_matches_reference(dtype, case, num_sms, score_elems):
+    """Interpreted, also with tiles small enough (1024 score elements: 1 to 16 tokens) that a request's new tokens
+    span several q-blocks."""
     batch = build_batch(case, dtype)
-    out = run(batch, num_sms)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prefill_module, "INTERPRET_SCORE_ELEMS", score_elems)
+        out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
@@ -98,7 +104,9 @@ def test_matches_reference(dtype, case, num_sms):
 @given(case=prefill_cases(), num_sms=st.integers(2, 48))
 def test_bitwise_independent_of_num_sms(case, num_sms):
     batch = build_batch(case, torch.float32)
-    assert torch.equal(run(batch, 1), run(batch, num_sms))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prefill_module, "INTERPRET_SCORE_ELEMS", 1024)  # many tiles for the budget to spread
+        assert torch.equal(run(batch, 1), run(batch, num_sms))
 
 
 @pytest.mark.parametrize("head_dim", [48, 80])

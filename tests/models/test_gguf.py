@@ -203,3 +203,40 @@ def test_smollm2_gguf_config_and_tensors():
     assert first["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert first["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
     assert all(torch.isfinite(t).all() for t in first.values())
+
+
+def test_reader_parses_what_gguf_parses(tmp_path):
+    """minidu's reader (gguf's parser over a plain view of the memory map) against gguf.GGUFReader itself: the same
+    fields, the same tensor infos and the same tensor bytes."""
+    from minidu.models.gguf_loader import _open_reader
+
+    path = write_gguf(tmp_path / "reader.gguf", "llama", tiny_hf_state("llama", HIDDEN // HEADS, False), Q.Q4_1,
+                      HIDDEN // HEADS, extra=[lambda w: w.add_token_list([f"tok{i}" for i in range(300)])])
+    ours, theirs = _open_reader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].types == field.types, name
+        assert [p.tobytes() for p in ours.fields[name].parts] == [p.tobytes() for p in field.parts], name
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == [f"tok{i}" for i in range(300)]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.BF16],
+                         ids=lambda q: q.name)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # random bytes: some scales are NaN
+def test_chunked_dequantization_is_bitwise_gguf(qtype, monkeypatch):
+    """minidu dequantizes big row chunks through gguf's own per-type code: bitwise gguf.quants.dequantize's floats,
+    NaN scales included, whatever the chunk (one row, several rows and a ragged last chunk, everything at once)."""
+    from minidu.models import gguf_loader
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, blocks_per_row = 7, 3
+    data = np.random.default_rng(int(qtype)).integers(0, 256, (rows, blocks_per_row * type_size), dtype=np.uint8)
+    expected = gguf.quants.dequantize(data, qtype)
+    for chunk in (1, 2 * blocks_per_row * block_size, 2 ** 16):
+        monkeypatch.setattr(gguf_loader, "_DEQUANT_CHUNK_ELEMS", chunk)
+        got = gguf_loader._dequantize_data(data, qtype)
+        assert got.dtype == np.float32 and got.shape == expected.shape == (rows, blocks_per_row * block_size)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
