@@ -216,10 +216,22 @@ def test_corrupt_safetensors_names_the_file(tmp_path, content):
         load_model(str(tmp_path), device="cpu")
 
 
-def test_nan_weights_are_refused_by_tensor_name(tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_weights_are_refused_by_tensor_name(tmp_path, bad):
     write_checkpoint(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = bad
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="down_proj.weight.*NaN"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted(tmp_path):
+    """The loader's finiteness check sums a tensor first; a sum that overflows float32 must not refuse finite weights."""
+    write_checkpoint(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    big = weights["model.layers.1.mlp.down_proj.weight"]
+    big[:, :2] = 3e38  # finite, but any two of them sum past float32's largest value
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    model = load_model(str(tmp_path), device="cpu", dtype="float32")[0]
+    assert torch.equal(model.layers[1].down_proj[:, :2], big[:, :2])
