@@ -150,22 +150,18 @@ class CausalLM:
 
     def _forward(self, input_ids, positions, attn, kv_caches, num_sms) -> torch.Tensor:
         eps = self.config.rms_norm_eps
-        hidden = gather_rows(input_ids, self.embed_tokens, num_sms=num_sms)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = rms_norm(hidden, layer.input_norm, eps, num_sms=num_sms)
-            else:
-                x, residual = rms_norm(hidden, layer.input_norm, eps, residual=residual, num_sms=num_sms)
-            hidden = self._attention(layer, x, positions, attn, k_cache, v_cache, num_sms)
-            x, residual = rms_norm(hidden, layer.post_attention_norm, eps, residual=residual, num_sms=num_sms)
-            hidden = self._mlp(layer, x, num_sms)
-        out, _ = rms_norm(hidden, self.norm, eps, residual=residual, num_sms=num_sms)
-        return out
+        residual = gather_rows(input_ids, self.embed_tokens, num_sms=num_sms)
+        x = rms_norm(residual, self.layers[0].input_norm, eps, num_sms=num_sms)
+        # Each residual add and the norm after it run as the epilogue of the GEMM before them (o_proj, down_proj).
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm, (k_cache, v_cache) in zip(self.layers, next_norms, kv_caches):
+            residual, x = self._attention(layer, x, residual, positions, attn, k_cache, v_cache, num_sms)
+            residual, x = self._mlp(layer, x, residual, next_norm, num_sms)
+        return x
 
-    def _attention(self, layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, num_sms: int | None) -> torch.Tensor:
+    def _attention(self, layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                   attn: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   num_sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         num_tokens, head_dim = x.shape[0], c.head_dim
         q_size, kv_size = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
@@ -180,11 +176,14 @@ class CausalLM:
         rotary_embedding_and_store_kvcache(q, k, v, positions, self.inv_freq, k_cache, v_cache, attn.slot_mapping,
                                            attention_factor=self.rope_attention_factor, num_sms=num_sms)
         out = paged_attention(q, k_cache, v_cache, attn, scale=self.scale, num_sms=num_sms)
-        return gemm(out.view(num_tokens, q_size), layer.o_proj, layer.o_bias, num_sms=num_sms)
+        return gemm(out.view(num_tokens, q_size), layer.o_proj, layer.o_bias, residual=residual,
+                    norm_weight=layer.post_attention_norm, eps=c.rms_norm_eps, num_sms=num_sms)
 
-    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, num_sms: int | None) -> torch.Tensor:
+    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor, next_norm: torch.Tensor,
+             num_sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up = gemm(x, layer.gate_up_proj, layer.gate_up_bias, num_sms=num_sms)
-        return gemm(gate_up, layer.down_proj, layer.down_bias, num_sms=num_sms, silu_mul=True)
+        return gemm(gate_up, layer.down_proj, layer.down_bias, num_sms=num_sms, silu_mul=True, residual=residual,
+                    norm_weight=next_norm, eps=self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
         """hidden [B, H] (already final-normed by forward) -> logits [B, V] via the lm_head GEMM."""
