@@ -183,8 +183,9 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     first (see tiles.SILU_MUL_PROLOGUE).
 
     With `norm_weight`, the decoder's next RMSNorm follows and (sum, rms_norm(sum, norm_weight, eps)) is returned, where
-    sum is out, or with `residual` the residual updated in place to out + residual: bitwise what gemm then
-    rms_norm(..., residual=) give, in one launch where tiles.norm_epilogue allows it, else in those two.
+    sum is out, or with `residual` the residual updated in place to out + residual (the product rounded to x's dtype,
+    then the sum, as rms_norm(..., residual=) rounds them). One launch where tiles.norm_epilogue allows it (the norm
+    then bitwise rms_norm's of the stored sum), else gemm and rms_norm.
     """
     _check_inputs(x, w, bias, out, silu_mul)
     _check_epilogue(x, w, out, residual, norm_weight, eps)
