@@ -175,7 +175,8 @@ def _check_epilogue(x, w, out, residual, norm_weight, eps) -> None:
 
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
          num_sms: int | None = None, out: torch.Tensor | None = None, silu_mul: bool = False,
-         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float | None = None):
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out[M, N] = x[M, K] @ w[N, K].T (+ bias[N]), fp32 accumulation, in x's dtype, on at most `num_sms` SMs.
 
     With `silu_mul`, x is [M, 2K] = [gate | up] and the product is taken of silu_and_mul(x): in the interpreter computed

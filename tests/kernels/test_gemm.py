@@ -99,6 +99,8 @@ def test_gemm_silu_mul_prologue_equals_silu_and_mul_then_gemm(m, n, k, has_bias,
        seed=st.integers(0, 2**16))
 @example(m=67, n=576, k=130, has_bias=True, has_residual=True, silu_mul=True, dtype=torch.float32, num_sms=3,
          fused=True, seed=0)
+@example(m=3, n=5, k=3, has_bias=False, has_residual=True, silu_mul=False, dtype=torch.float16, num_sms=1,
+         fused=True, seed=2)
 def test_gemm_residual_and_norm_epilogue(m, n, k, has_bias, has_residual, silu_mul, dtype, num_sms, fused, seed):
     """Fused (the interpreter's epilogue) or not (gemm then rms_norm, as on CUDA), the same properties hold."""
     x, w, bias = _operands(m, n, 2 * k if silu_mul else k, dtype, seed)
