@@ -1,11 +1,12 @@
 """Persistent GEMM `x @ w.T (+ bias)` in the checkpoint's [N, K] weight layout; every linear layer of the model
-(projections, MLP, lm_head) runs through it."""
+(projections, MLP, lm_head) runs through it, optionally followed by the residual add and RMSNorm of the next layer."""
 import torch
 import triton
 import triton.language as tl
 
 from minidu.kernels import tiles
 from minidu.kernels.activation import silu_and_mul
+from minidu.kernels.rmsnorm import check_eps, rms_norm
 from minidu.kernels.tiles import GemmConfig
 from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, resolve_num_sms
 
@@ -14,12 +15,16 @@ def _gemm_kernel(
     x_ptr,  # [M, K] (or [M, 2K] = [gate | up] if SILU_MUL), row stride stride_xm
     w_ptr,  # [N, K] (or [N, K // W_PACK] uint64 words), row stride stride_wn in its own elements
     bias_ptr,  # [N]; a dummy pointer when not HAS_BIAS
-    out_ptr,  # [M, N], row stride stride_om
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
+    out_ptr,  # [M, N], row stride stride_om; with HAS_RESIDUAL also the residual it adds (read, then overwritten)
+    norm_weight_ptr,  # [N]; a dummy pointer when not NORM
+    norm_out_ptr,  # [M, N], row stride stride_nm; a dummy pointer when not NORM
+    M, N, K, eps,
+    stride_xm, stride_wn, stride_om, stride_nm,
     num_pid_m, num_pid_n, num_k_tiles, num_progs,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr,
     EVEN_K: tl.constexpr,
     W_PACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -97,18 +102,32 @@ def _gemm_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        y = acc.to(out_ptr.dtype.element_ty)
+        if HAS_RESIDUAL:
+            # The rounded product plus the residual, rounded again: what rms_norm(residual=) stores for it.
+            y = (y.to(tl.float32) + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
+        tl.store(out_ptrs, y, mask=mask)
+        if NORM:
+            # The next RMSNorm over whole rows (the launcher makes BLOCK_N = next_power_of_2(N), one column tile),
+            # in rms_norm's order and padding so the result is bitwise rms_norm's.
+            yf = tl.where(offs_n[None, :] < N, y.to(tl.float32), 0.0)
+            variance = tl.sum(yf * yf, axis=1) / N
+            normed = (yf * tl.rsqrt(variance + eps)[:, None]).to(y.dtype).to(tl.float32)
+            nw = tl.load(norm_weight_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            norm_ptrs = norm_out_ptr + offs_m.to(tl.int64)[:, None] * stride_nm + offs_n[None, :]
+            tl.store(norm_ptrs, (normed * nw[None, :]).to(y.dtype), mask=mask)
 
 
 def _num_tiles(m: int, n: int, block_m: int, block_n: int) -> int:
     return triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
 
 
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                norm: bool = False) -> GemmConfig:
     """Tile configuration from the shape, dtype and GPU only, so results never depend on the SM budget (nor, on
-    CUDA, on M: see tiles.cuda_gemm_config)."""
+    CUDA, on M: see tiles.cuda_gemm_config). `norm`: whole-row tiles for the RMSNorm epilogue (interpreter)."""
     if INTERPRET:
-        return tiles.interpret_gemm_config(m, n, k)
+        return tiles.interpret_gemm_config(m, n, k, whole_rows=norm)
     major, minor = torch.cuda.get_device_capability(device)
     return tiles.cuda_gemm_config(n, k, dtype.itemsize, tiles.cuda_target(10 * major + minor))
 
@@ -140,37 +159,75 @@ def _check_inputs(x, w, bias, out, silu_mul: bool) -> None:
         _check_last_dim_contiguous("out", out)
 
 
+def _check_epilogue(x, w, out, residual, norm_weight, eps) -> None:
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,), device=x.device, shape=(x.shape[0], w.shape[0]))
+        _check_last_dim_contiguous("residual", residual)
+        if norm_weight is None:
+            raise ValueError("residual is only added together with the RMSNorm that follows it: pass norm_weight")
+        if out is not None:
+            raise ValueError("out must be None when residual is given: the sum is written to residual")
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, shape=(w.shape[0],),
+                     contiguous=True)
+        check_eps(eps)
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-         num_sms: int | None = None, out: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+         num_sms: int | None = None, out: torch.Tensor | None = None, silu_mul: bool = False,
+         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out[M, N] = x[M, K] @ w[N, K].T (+ bias[N]), fp32 accumulation, in x's dtype, on at most `num_sms` SMs.
 
     With `silu_mul`, x is [M, 2K] = [gate | up] and the product is taken of silu_and_mul(x): in the interpreter computed
     per tile and never stored (one launch, bitwise equal to the two kernels in sequence), on CUDA by silu_and_mul
     first (see tiles.SILU_MUL_PROLOGUE).
+
+    With `norm_weight`, the decoder's next RMSNorm follows and (sum, rms_norm(sum, norm_weight, eps)) is returned, where
+    sum is out, or with `residual` the residual updated in place to out + residual (the product rounded to x's dtype,
+    then the sum, as rms_norm(..., residual=) rounds them). One launch where tiles.norm_epilogue allows it (the norm
+    then bitwise rms_norm's of the stored sum), else gemm and rms_norm.
     """
     _check_inputs(x, w, bias, out, silu_mul)
+    _check_epilogue(x, w, out, residual, norm_weight, eps)
     resolve_num_sms(num_sms, x.device)
+    if norm_weight is not None and not tiles.norm_epilogue(w.shape[0]):
+        y = gemm(x, w, bias, num_sms=num_sms, out=out, silu_mul=silu_mul)
+        if residual is None:
+            return y, rms_norm(y, norm_weight, eps, num_sms=num_sms)
+        normed, residual = rms_norm(y, norm_weight, eps, residual=residual, num_sms=num_sms)
+        return residual, normed
     if silu_mul and not tiles.SILU_MUL_PROLOGUE:
         x, silu_mul = silu_and_mul(x, num_sms=num_sms), False
-    m, k, n = x.shape[0], w.shape[1], w.shape[0]
-    if out is None:
+    m, n = x.shape[0], w.shape[0]
+    if residual is not None:
+        out = residual
+    elif out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    cfg = gemm_config(m, n, k, x.dtype, x.device)
+    normed = None if norm_weight is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0 and n > 0:
+        _launch(x, w, bias, out, normed, norm_weight, eps, silu_mul, residual is not None, num_sms)
+    return out if normed is None else (out, normed)
+
+
+def _launch(x, w, bias, out, normed, norm_weight, eps, silu_mul: bool, has_residual: bool, num_sms) -> None:
+    m, k, n = x.shape[0], w.shape[1], w.shape[0]
+    cfg = gemm_config(m, n, k, x.dtype, x.device, norm=normed is not None)
     grid = num_programs(_num_tiles(m, n, cfg.block_m, cfg.block_n), num_sms, x.device)
     pack = _weight_pack(w)
     w_arg = w if pack == 1 else w.view(torch.uint64)
     _gemm_kernel[(grid,)](
         x, w_arg, bias if bias is not None else out, out,
-        m, n, k,
-        x.stride(0), w_arg.stride(0), out.stride(0),
+        norm_weight if normed is not None else out, normed if normed is not None else out,
+        m, n, k, float(eps) if normed is not None else 0.0,
+        x.stride(0), w_arg.stride(0), out.stride(0), normed.stride(0) if normed is not None else 0,
         triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), grid,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
+        HAS_RESIDUAL=has_residual,
+        NORM=normed is not None,
         EVEN_K=k % cfg.block_k == 0,
         W_PACK=pack,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out

@@ -57,6 +57,11 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), 0)
 
 
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
              num_sms: int | None = None, out: torch.Tensor | None = None):
     """RMSNorm over the last dimension of x [T, H] (or [T, heads, H] for per-head q/k norm).
@@ -76,8 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
     if hidden == 0:
         raise ValueError("x must have a non-empty last dimension")
     check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, shape=(hidden,), contiguous=True)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_eps(eps)
     if residual is not None:
         _check_rows("residual", residual, x)
     if out is None:

@@ -87,11 +87,13 @@ def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k:
 
 
 @functools.cache  # the search costs ~5 ms, and a model has a handful of GEMM shapes per batch size
-def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
+def interpret_gemm_config(m: int, n: int, k: int, whole_rows: bool = False) -> GemmConfig:
     """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the
-    interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant."""
+    interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant.
+    `whole_rows`: BLOCK_N = next_power_of_2(N), one column tile, as the RMSNorm epilogue needs."""
     block_m = max(1, min(64, next_power_of_2(max(m, 1))))
-    candidates = [(bn, bk) for bn in (2 ** i for i in range(4, 15)) for bk in (2 ** i for i in range(4, 11))
+    widths = [next_power_of_2(n)] if whole_rows else [2 ** i for i in range(4, 15)]
+    candidates = [(bn, bk) for bn in widths for bk in (2 ** i for i in range(4, 11))
                   if bn * bk <= _MAX_INTERPRET_TILE and bn <= max(16, next_power_of_2(n))
                   and bk <= max(16, next_power_of_2(k))]
     block_n, block_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
@@ -102,6 +104,17 @@ def interpret_gemm_config(m: int, n: int, k: int) -> GemmConfig:
 # layer; compiled, its fp32 gate/up tiles spill registers on sm_80 (bf16, Qwen3-8B's down projection), so CUDA runs
 # silu_and_mul and the GEMM as two kernels until the fused one is measured on a GPU.
 SILU_MUL_PROLOGUE = INTERPRET
+
+
+# The residual add and the next RMSNorm as a GEMM's epilogue (gemm(..., norm_weight=)) save the interpreter the norm's
+# launch (61 a step for a 30-layer model); the epilogue needs whole rows in one tile, which the interpreter's
+# cost model affords up to NORM_EPILOGUE_MAX_N columns. CUDA keeps its tiles and runs rms_norm as its own kernel.
+NORM_EPILOGUE_MAX_N = 16384
+
+
+def norm_epilogue(n: int) -> bool:
+    """Whether a GEMM with N output columns runs the following RMSNorm as its epilogue."""
+    return INTERPRET and n <= NORM_EPILOGUE_MAX_N
 
 
 def weight_pack(itemsize: int, aligned: bool) -> int:

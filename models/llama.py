@@ -201,22 +201,18 @@ class CausalLM:
 
     def _forward(self, input_ids, positions, attn, kv_caches, num_sms) -> torch.Tensor:
         eps = self.config.rms_norm_eps
-        hidden = self._embed(input_ids, num_sms)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = rms_norm(hidden, layer.input_norm, eps, num_sms=num_sms)
-            else:
-                x, residual = rms_norm(hidden, layer.input_norm, eps, residual=residual, num_sms=num_sms)
-            hidden = self._attention(layer, x, positions, attn, k_cache, v_cache, num_sms)
-            x, residual = rms_norm(hidden, layer.post_attention_norm, eps, residual=residual, num_sms=num_sms)
-            hidden = self._mlp(layer, x, num_sms)
-        out, _ = rms_norm(hidden, self.norm, eps, residual=residual, num_sms=num_sms)
-        return out
+        residual = self._embed(input_ids, num_sms)
+        x = rms_norm(residual, self.layers[0].input_norm, eps, num_sms=num_sms)
+        # Each residual add and the norm after it follow the GEMM before them (o_proj, down_proj): see _row_parallel.
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm, (k_cache, v_cache) in zip(self.layers, next_norms, kv_caches):
+            residual, x = self._attention(layer, x, residual, positions, attn, k_cache, v_cache, num_sms)
+            residual, x = self._mlp(layer, x, residual, next_norm, num_sms)
+        return x
 
-    def _attention(self, layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, num_sms: int | None) -> torch.Tensor:
+    def _attention(self, layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                   attn: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   num_sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         num_tokens, head_dim = x.shape[0], c.head_dim
         q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
@@ -231,17 +227,27 @@ class CausalLM:
         rotary_embedding_and_store_kvcache(q, k, v, positions, self.inv_freq, k_cache, v_cache, attn.slot_mapping,
                                            attention_factor=self.rope_attention_factor, num_sms=num_sms)
         out = paged_attention(q, k_cache, v_cache, attn, scale=self.scale, num_sms=num_sms)
-        out = gemm(out.view(num_tokens, q_size), layer.o_proj, self._rank0(layer.o_bias), num_sms=num_sms)
-        return all_reduce(out, self.tp)
+        return self._row_parallel(out.view(num_tokens, q_size), layer.o_proj, layer.o_bias, residual,
+                                  layer.post_attention_norm, num_sms)
 
-    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, num_sms: int | None) -> torch.Tensor:
+    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor, next_norm: torch.Tensor,
+             num_sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up = gemm(x, layer.gate_up_proj, layer.gate_up_bias, num_sms=num_sms)
-        out = gemm(gate_up, layer.down_proj, self._rank0(layer.down_bias), num_sms=num_sms, silu_mul=True)
-        return all_reduce(out, self.tp)
+        return self._row_parallel(gate_up, layer.down_proj, layer.down_bias, residual, next_norm, num_sms, silu_mul=True)
 
-    def _rank0(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """A row-parallel GEMM's bias, on rank 0 only: the all-reduce then adds it exactly once."""
-        return bias if self.tp.rank == 0 else None
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, num_sms: int | None,
+                      silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj or down_proj, the residual add and the next RMSNorm -> (new residual, normed). On one rank the add
+        and norm are the GEMM's epilogue; under TP they follow the all-reduce of the ranks' partial sums, whose bias
+        rank 0 alone adds, so that the sum holds it once."""
+        eps = self.config.rms_norm_eps
+        if self.tp.size == 1:
+            return gemm(x, weight, bias, num_sms=num_sms, silu_mul=silu_mul, residual=residual,
+                        norm_weight=norm_weight, eps=eps)
+        out = gemm(x, weight, bias if self.tp.rank == 0 else None, num_sms=num_sms, silu_mul=silu_mul)
+        normed, residual = rms_norm(all_reduce(out, self.tp), norm_weight, eps, residual=residual, num_sms=num_sms)
+        return residual, normed
 
     def _embed(self, input_ids: torch.Tensor, num_sms: int | None) -> torch.Tensor:
         if self.tp.size == 1:

@@ -187,6 +187,7 @@ def bench_hf(args, num_tokens: int) -> dict:
 
 def main():
     args = parse_args()
+    load_before = os.getloadavg()[0]  # other processes slow both engines: the table states what it ran beside
     rows = [bench_minidu(args)]
     if not args.skip_hf:
         rows.append(bench_hf(args, rows[0]["num_tokens"]))  # same number of tokens, whatever the stop
@@ -195,7 +196,9 @@ def main():
         decode = r["decode_s_per_token"]
         print(f"{r['engine']:14}{r['load_s']:9.2f}{r['ttft_s']:9.2f}{decode if decode is None else f'{decode:14.3f}'}"
               f"{r['end_to_end_s']:14.2f}{r['num_tokens']:8d}")
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "question": args.question}
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "question": args.question,
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
+    print(f"load average (1 min) before and after: {load_before:.2f}, {os.getloadavg()[0]:.2f}")
     if len(rows) == 2:
         m, h = rows
         meta["ratio_minidu_over_transformers"] = {k: m[k] / h[k] for k in ("ttft_s", "decode_s_per_token", "end_to_end_s")

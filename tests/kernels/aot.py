@@ -21,7 +21,7 @@ KERNELS = {"gemm": gemm._gemm_kernel, "decode_split": decode_attention._decode_s
            "decode_merge": decode_attention._decode_merge_kernel,
            "prefill": prefill_attention._prefill_attention_kernel}
 INDEX_PTRS = {"seq_lens_ptr", "block_tables_ptr", "cu_seqlens_q_ptr"}
-FLOAT_ARGS = {"qk_scale"}
+FLOAT_ARGS = {"qk_scale", "eps"}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:

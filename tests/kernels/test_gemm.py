@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.gemm import gemm
+from minidu.kernels.rmsnorm import rms_norm
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.tiles import SM80, SM90, cuda_gemm_config, gemm_shared_bytes
 from tests.conftest import DEVICE
 from tests.kernels.shapes import preset_shapes
@@ -92,6 +94,43 @@ def test_gemm_silu_mul_prologue_equals_silu_and_mul_then_gemm(m, n, k, has_bias,
     _assert_close(fused, act_ref, w, bias)
 
 
+@given(m=ms, n=ns, k=ks, has_bias=st.booleans(), has_residual=st.booleans(), silu_mul=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), num_sms=st.integers(1, 64), fused=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(m=67, n=576, k=130, has_bias=True, has_residual=True, silu_mul=True, dtype=torch.float32, num_sms=3,
+         fused=True, seed=0)
+@example(m=3, n=5, k=3, has_bias=False, has_residual=True, silu_mul=False, dtype=torch.float16, num_sms=1,
+         fused=True, seed=2)
+def test_gemm_residual_and_norm_epilogue(m, n, k, has_bias, has_residual, silu_mul, dtype, num_sms, fused, seed):
+    """Fused (the interpreter's epilogue) or not (gemm then rms_norm, as on CUDA), the same properties hold."""
+    x, w, bias = _operands(m, n, 2 * k if silu_mul else k, dtype, seed)
+    w, bias = w[:, :k].contiguous(), bias if has_bias else None
+    gen = torch.Generator().manual_seed(seed + 1)
+    residual = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE) if has_residual else None
+    norm_weight = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+    before = residual.clone() if has_residual else None
+    with pytest.MonkeyPatch.context() as mp:
+        if not fused:
+            mp.setattr(tile_table, "NORM_EPILOGUE_MAX_N", 0)
+        total, normed = gemm(x, w, bias, num_sms=num_sms, silu_mul=silu_mul, residual=residual,
+                             norm_weight=norm_weight, eps=1e-5)
+    if has_residual:
+        assert total.data_ptr() == residual.data_ptr(), "the sum goes to residual, in place"
+    # The norm is bitwise rms_norm's of the stored sum (whatever kernel computed it) ...
+    assert torch.equal(normed, rms_norm(total, norm_weight, 1e-5))
+    # ... and the sum is the product plus the residual, against float64 math.
+    if silu_mul:
+        gate, up = x.cpu().double().chunk(2, dim=1)
+        x = (gate * torch.sigmoid(gate) * up).to(dtype)
+    ref = x.cpu().double() @ w.cpu().double().T + (bias.cpu().double() if has_bias else 0)
+    scale = x.cpu().double().abs() @ w.cpu().double().abs().T + (bias.cpu().double().abs() if has_bias else 0)
+    if has_residual:
+        ref, scale = ref + before.cpu().double(), scale + before.cpu().double().abs()
+    # Two roundings to dtype (the product, then the sum) on top of the dot's own error.
+    eps_dtype = torch.finfo(dtype).eps
+    assert torch.all((total.cpu().double() - ref).abs() <= RTOL[dtype] * scale + 2 * eps_dtype * scale + 1e-30)
+
+
 @pytest.mark.parametrize("m,n,k", [(0, 5, 3), (4, 0, 3), (3, 6, 0)])
 def test_gemm_degenerate_shapes(m, n, k):
     x, w, bias = _operands(m, n, k, torch.float32, seed=3)
@@ -146,6 +185,12 @@ def _bad_inputs():
         ("out", lambda: gemm(x, w, out=torch.empty(6, 4).T)),
         ("x", lambda: gemm(x, w, silu_mul=True)),
         ("w", lambda: gemm(torch.cat([x, x], dim=1)[:, :8], w, silu_mul=True)),
+        ("residual", lambda: gemm(x, w, residual=torch.zeros(4, 5), norm_weight=bias, eps=1e-6)),
+        ("residual", lambda: gemm(x, w, residual=torch.zeros(4, 6))),
+        ("out", lambda: gemm(x, w, out=torch.empty(4, 6), residual=torch.zeros(4, 6), norm_weight=bias, eps=1e-6)),
+        ("norm_weight", lambda: gemm(x, w, norm_weight=bias[:5], eps=1e-6)),
+        ("eps", lambda: gemm(x, w, norm_weight=bias, eps=-1.0)),
+        ("eps", lambda: gemm(x, w, norm_weight=bias)),
         ("num_sms", lambda: gemm(x, w, num_sms=0)),
         ("num_sms", lambda: gemm(x[:0], w, num_sms=-1)),
     ]
