@@ -10,9 +10,20 @@ import triton.language as tl
 from minidu.kernels.kv_cache import check_kv_store_inputs
 from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
 
+# ---- tiles (interpreter-only values: to move into kernels/tiles.py) ----
 # Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
 # (tests shrink this to force many tiles).
-TILE_ELEMS = 131072 if INTERPRET else 4096
+CUDA_TILE_ELEMS = 4096
+INTERPRET_TILE_ELEMS = 131072
+TILE_ELEMS = INTERPRET_TILE_ELEMS if INTERPRET else CUDA_TILE_ELEMS
+
+
+def rotary_tiles(num_tokens: int, num_heads: int, head_dim: int, tile_elems: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_HEADS, BLOCK_HALF, num_warps) for num_tokens tokens of num_heads q and k heads together."""
+    block_heads, block_half = next_power_of_2(num_heads), next_power_of_2(head_dim // 2)
+    token_elems = block_heads * block_half
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), tile_elems // token_elems))
+    return block_t, block_heads, block_half, min(8, max(1, block_t * token_elems // 512))
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
@@ -114,70 +125,92 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=["num_tokens", "num_tiles", "NUM_PROGRAMS"])
 def _rotary_kernel(
-    q_ptr,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
-    k_ptr,  # [T, Hk, D], strides (stride_kt, stride_kh, 1)
-    v_ptr,  # [T, Hk, D], strides (stride_vt, stride_vh, 1); unused unless STORE_KV
+    q_ptr,  # [T, Hq, D], strides (stride_qt, D, 1)
+    k_ptr,  # [T, Hk, D], strides (stride_kt, D, 1)
+    v_ptr,  # [T, Hk, D], strides (stride_vt, D, 1); unused unless STORE_KV
     k_cache_ptr,  # [num_blocks, block_size, Hk, D] contiguous; unused unless STORE_KV
     v_cache_ptr,  # [num_blocks, block_size, Hk, D] contiguous; unused unless STORE_KV
     slot_mapping_ptr,  # [T]; unused unless STORE_KV
     positions_ptr,  # [T]
     inv_freq_ptr,  # [D // 2] float32
-    num_tokens, num_q_heads, num_kv_heads, half_dim, cos_sin_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    num_tiles, NUM_PROGRAMS,
-    STORE_KV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    num_tokens, stride_qt, stride_kt, stride_vt, num_tiles, NUM_PROGRAMS,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF_DIM: tl.constexpr, COS_SIN_SCALE: tl.constexpr,
+    STORE_KV: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < half_dim
-    inv_freq = tl.load(inv_freq_ptr + dims, mask=dim_mask, other=0.0)
-    # Lanes [0, Hq) of the head axis are q's heads and lanes [Hq, Hq + Hk) k's, so one pass rotates both.
-    # int64 indices: see the interpreter notes in kernels/utils.py.
-    heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)
-    tile_tokens = tl.arange(0, BLOCK_T).to(tl.int64)
-    is_q = (heads < num_q_heads)[None, :, None]
-    head_mask = (heads - num_q_heads < num_kv_heads)[None, :, None] & dim_mask[None, None, :]
-    q_offsets = (heads * stride_qh)[None, :, None] + dims[None, None, :]
-    k_offsets = ((heads - num_q_heads) * stride_kh)[None, :, None] + dims[None, None, :]
+    TILE: tl.constexpr = (BLOCK_T, BLOCK_HEADS, BLOCK_HALF)
+    # Lanes [0, Hq) of the head axis are q's heads and lanes [Hq, Hq + Hk) k's, so one pass rotates both. Per-lane
+    # values are built once, as [1, BLOCK_HEADS, 1] or [1, 1, BLOCK_HALF]; masks are broadcast to the whole tile once
+    # rather than by every load and store (the interpreter pays per op). int64 indices: see kernels/utils.py.
+    dims = tl.arange(0, BLOCK_HALF).to(tl.int64)[None, None, :]
+    kv_heads = tl.arange(0, BLOCK_HEADS).to(tl.int64)[None, :, None] - NUM_Q_HEADS  # < 0 on q's lanes
+    is_q = kv_heads < 0
+    lane_mask = kv_heads < NUM_KV_HEADS
+    if BLOCK_HALF == HALF_DIM:
+        inv_freq = tl.load(inv_freq_ptr + dims)
+    else:
+        inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < HALF_DIM, other=0.0)
+        lane_mask = lane_mask & (dims < HALF_DIM)
+    lane_base = tl.where(is_q, q_ptr + NUM_Q_HEADS * 2 * HALF_DIM, k_ptr)  # [1, BLOCK_HEADS, 1]
+    lane_stride = tl.where(is_q, stride_qt, stride_kt).to(tl.int64)
     if STORE_KV:
-        # The k lanes' (head, dim) offsets inside one cache slot, and inside one v token row.
-        slot_offsets = ((heads - num_q_heads) * (2 * half_dim))[None, :, None] + dims[None, None, :]
-        v_offsets = ((heads - num_q_heads) * stride_vh)[None, :, None] + dims[None, None, :]
+        kv_lane_mask = lane_mask & (kv_heads >= 0)
+    tile_tokens = tl.arange(0, BLOCK_T).to(tl.int64)[:, None, None]
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tokens = tile * BLOCK_T + tile_tokens
-        token_mask = tokens < num_tokens
-        positions = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
+        if EVEN_T:
+            positions = tl.load(positions_ptr + tokens).to(tl.float32)
+            mask = tl.broadcast_to(lane_mask, TILE)
+        else:
+            token_mask = tokens < num_tokens
+            positions = tl.load(positions_ptr + tokens, mask=token_mask, other=0).to(tl.float32)
+            mask = tl.broadcast_to(token_mask & lane_mask, TILE)
         # One cos/sin per (token, frequency), shared by every q and k head of the token.
-        angles = positions[:, None] * inv_freq[None, :]
-        cos = (tl.cos(angles) * cos_sin_scale)[:, None, :]
-        sin = (tl.sin(angles) * cos_sin_scale)[:, None, :]
-        rows = tokens[:, None, None]
-        ptrs = tl.where(is_q, q_ptr + rows * stride_qt + q_offsets, k_ptr + rows * stride_kt + k_offsets)
-        mask = token_mask[:, None, None] & head_mask
-        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
+        angles = positions * inv_freq
+        cos, sin = tl.cos(angles), tl.sin(angles)
+        if COS_SIN_SCALE != 1.0:
+            cos, sin = cos * COS_SIN_SCALE, sin * COS_SIN_SCALE
+        cos, sin = tl.broadcast_to(cos, TILE), tl.broadcast_to(sin, TILE)
+        # Heads are 2 * HALF_DIM apart in q, k, v (checked by the launcher) and in a cache slot.
+        head_offsets = kv_heads * (2 * HALF_DIM) + dims
+        ptrs1 = lane_base + (tokens * lane_stride + head_offsets)
+        ptrs2 = ptrs1 + HALF_DIM
+        # Masked-out lanes are never stored, so their loads need no `other`.
+        x1 = tl.load(ptrs1, mask=mask).to(tl.float32)
+        x2 = tl.load(ptrs2, mask=mask).to(tl.float32)
         # rotate_half: [x1, x2] -> [-x2, x1], so out = x * cos + rotate_half(x) * sin.
         y1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
         y2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
-        tl.store(ptrs, y1, mask=mask)
-        tl.store(ptrs + half_dim, y2, mask=mask)
+        tl.store(ptrs1, y1, mask=mask)
+        tl.store(ptrs2, y2, mask=mask)
         if STORE_KV:
             # The k lanes of tokens with a slot (-1: not stored) go to the cache, and v's row beside them: the
             # launch store_kvcache would otherwise need, and k is not read back from memory.
-            slots = tl.load(slot_mapping_ptr + tokens, mask=token_mask, other=-1).to(tl.int64)
-            kv_mask = mask & (slots >= 0)[:, None, None] & (heads >= num_q_heads)[None, :, None]
-            cache_offsets = (slots * num_kv_heads * (2 * half_dim))[:, None, None] + slot_offsets
-            tl.store(k_cache_ptr + cache_offsets, y1, mask=kv_mask)
-            tl.store(k_cache_ptr + cache_offsets + half_dim, y2, mask=kv_mask)
-            v_ptrs = v_ptr + rows * stride_vt + v_offsets
-            tl.store(v_cache_ptr + cache_offsets, tl.load(v_ptrs, mask=kv_mask), mask=kv_mask)
-            tl.store(v_cache_ptr + cache_offsets + half_dim, tl.load(v_ptrs + half_dim, mask=kv_mask), mask=kv_mask)
+            if EVEN_T:
+                slots = tl.load(slot_mapping_ptr + tokens).to(tl.int64)
+            else:
+                slots = tl.load(slot_mapping_ptr + tokens, mask=token_mask, other=-1).to(tl.int64)
+            kv_mask = tl.broadcast_to((slots >= 0) & kv_lane_mask, TILE)
+            slot_offsets = slots * (NUM_KV_HEADS * 2 * HALF_DIM) + head_offsets
+            k_slots = k_cache_ptr + slot_offsets
+            tl.store(k_slots, y1, mask=kv_mask)
+            tl.store(k_slots + HALF_DIM, y2, mask=kv_mask)
+            v_rows, v_slots = v_ptr + (tokens * stride_vt + head_offsets), v_cache_ptr + slot_offsets
+            tl.store(v_slots, tl.load(v_rows, mask=kv_mask), mask=kv_mask)
+            tl.store(v_slots + HALF_DIM, tl.load(v_rows + HALF_DIM, mask=kv_mask), mask=kv_mask)
 
 
 def _check_heads(name: str, t, dtype: torch.dtype | None, device: torch.device | None) -> None:
     check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES if dtype is None else (dtype,), device=device)
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    check_token_rows(name, t)
+
+
+def check_token_rows(name: str, t: torch.Tensor) -> None:
+    """The kernel addresses a token's heads as one contiguous [H, D] row (as in a view of the fused qkv output)."""
+    if t.stride(-1) != 1 or (t.shape[1] > 1 and t.stride(1) != t.shape[2]):
+        raise ValueError(f"{name} must be contiguous within each token (strides (any, {t.shape[2]}, 1)), "
+                         f"got strides {t.stride()}")
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
@@ -185,8 +218,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place by angle positions[t] * inv_freq (rotate-half convention), with
     cos and sin multiplied by attention_factor (yarn's; 1 otherwise).
 
-    q and k may be strided views (e.g. of the fused qkv output) with a contiguous last dimension; positions [T] int;
-    inv_freq [D // 2] float32 from rope_inv_freq. Angles, cos/sin and the rotation are computed in fp32.
+    q and k may be views of the fused qkv output: tokens may be strided, each token's [H, D] must be contiguous;
+    positions [T] int; inv_freq [D // 2] float32 from rope_inv_freq. Angles, cos/sin and the rotation run in fp32.
     """
     _check_rotary_inputs(q, k, positions, inv_freq, attention_factor)
     _launch(q, k, None, positions, inv_freq, attention_factor, num_sms)
@@ -200,6 +233,7 @@ def rotary_embedding_and_store_kvcache(q: torch.Tensor, k: torch.Tensor, v: torc
     rotated k and v [T, Hk, D] of every token whose slot is not -1 go to the paged cache (see kernels/kv_cache.py)."""
     _check_rotary_inputs(q, k, positions, inv_freq, attention_factor)
     check_kv_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    check_token_rows("v", v)
     _launch(q, k, (v, k_cache, v_cache, slot_mapping), positions, inv_freq, attention_factor, num_sms)
 
 
@@ -222,18 +256,17 @@ def _check_rotary_inputs(q, k, positions, inv_freq, attention_factor) -> None:
 def _launch(q, k, store, positions, inv_freq, attention_factor, num_sms) -> None:
     """`store`: None, or (v, k_cache, v_cache, slot_mapping) to write the rotated k and v to the cache."""
     num_tokens, num_q_heads, head_dim = q.shape
-    block_heads = next_power_of_2(num_q_heads + k.shape[1])
-    block_half = next_power_of_2(head_dim // 2)
-    token_elems = block_heads * block_half
-    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), TILE_ELEMS // token_elems))
+    block_t, block_heads, block_half, num_warps = rotary_tiles(num_tokens, num_q_heads + k.shape[1], head_dim,
+                                                               TILE_ELEMS)
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, q.device)
     # Without a store, k, q and positions stand in for the unused v, cache and slot pointers (never dereferenced).
     v, k_cache, v_cache, slot_mapping = store if store is not None else (k, q, q, positions)
     _rotary_kernel[(grid,)](
         q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq,
-        num_tokens, num_q_heads, k.shape[1], head_dim // 2, float(attention_factor),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_tiles, grid,
-        STORE_KV=store is not None, BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
-        num_warps=min(8, max(1, block_t * token_elems // 512)),
+        num_tokens, q.stride(0), k.stride(0), v.stride(0), num_tiles, grid,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF_DIM=head_dim // 2,
+        COS_SIN_SCALE=float(attention_factor), STORE_KV=store is not None, EVEN_T=num_tokens % block_t == 0,
+        BLOCK_T=block_t, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
+        num_warps=num_warps,
     )

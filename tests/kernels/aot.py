@@ -15,12 +15,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from minidu.kernels import decode_attention, gemm, prefill_attention
+from minidu.kernels import decode_attention, gemm, prefill_attention, rotary
 
 KERNELS = {"gemm": gemm._gemm_kernel, "decode_split": decode_attention._decode_split_kernel,
            "decode_merge": decode_attention._decode_merge_kernel,
-           "prefill": prefill_attention._prefill_attention_kernel}
-INDEX_PTRS = {"seq_lens_ptr", "block_tables_ptr", "cu_seqlens_q_ptr"}
+           "prefill": prefill_attention._prefill_attention_kernel, "rotary": rotary._rotary_kernel}
+INDEX_PTRS = {"seq_lens_ptr", "block_tables_ptr", "cu_seqlens_q_ptr", "slot_mapping_ptr", "positions_ptr"}
+FP32_PTRS = {"inv_freq_ptr"}
 FLOAT_ARGS = {"qk_scale", "eps"}
 
 
@@ -30,7 +31,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in INDEX_PTRS else ("*fp32" if name.startswith("partial") else f"*{dtype}")
+            fp32 = name in FP32_PTRS or name.startswith("partial")
+            sig[name] = "*i32" if name in INDEX_PTRS else ("*fp32" if fp32 else f"*{dtype}")
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig

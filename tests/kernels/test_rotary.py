@@ -171,7 +171,9 @@ def test_fused_store_rejects_bad_cache_arguments():
     q, k, v = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16)
     positions, inv_freq = torch.arange(3), rope_inv_freq(16, 10000.0, None)
     cache, slots = torch.zeros(2, 4, 2, 16), torch.arange(3)
-    for args, name in (((v[:, :1], cache, cache, slots), "v"), ((v, cache.half(), cache, slots), "k_cache"),
+    split_heads = torch.randn(3, 2, 32)[:, :, :16]
+    for args, name in (((v[:, :1], cache, cache, slots), "v"), ((split_heads, cache, cache, slots), "v"),
+                       ((v, cache.half(), cache, slots), "k_cache"),
                        ((v, cache, cache[:1], slots), "v_cache"), ((v, cache, cache, slots[:2]), "slot_mapping")):
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             rotary_embedding_and_store_kvcache(q, k, args[0], positions, inv_freq, *args[1:])
@@ -199,6 +201,8 @@ def test_bad_inputs_name_the_argument():
         (dict(q=torch.randn(3, 16)), "q"),
         (dict(q=torch.randn(3, 4, 15)), "q"),
         (dict(q=torch.randn(3, 16, 4).transpose(1, 2)), "q"),
+        (dict(q=torch.randn(3, 4, 32)[:, :, :16]), "q"),  # heads not adjacent within the token
+        (dict(k=torch.randn(2, 3, 16).transpose(0, 1)), "k"),
         (dict(k=torch.randn(3, 2, 8)), "k"),
         (dict(k=torch.randn(4, 2, 16)), "k"),
         (dict(k=k.half()), "k"),
