@@ -81,7 +81,7 @@ class CausalLM:
         self.num_kv_heads = layout.num_kv_heads  # this rank's: what its KV cache holds
         qkv_rows = (layout.num_heads + 2 * layout.num_kv_heads) * c.head_dim
         inter = layout.intermediate_size
-        self.embed_tokens = self._vocab_table(extra_rows=1)
+        self.embed_tokens = self._vocab_table()
         self.layers = [
             DecoderLayer(
                 input_norm=self._empty(c.hidden_size),
@@ -100,7 +100,7 @@ class CausalLM:
             for _ in range(c.num_hidden_layers)
         ]
         self.norm = self._empty(c.hidden_size)
-        self.lm_head = self.embed_tokens[:layout.vocab_rows] if c.tie_word_embeddings else self._vocab_table(0)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else self._vocab_table()
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
         self.rope_attention_factor = rope_attention_factor(c.rope_scaling)
         self.scale = c.head_dim ** -0.5
@@ -108,13 +108,12 @@ class CausalLM:
     def _empty(self, *shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
-    def _vocab_table(self, extra_rows: int) -> torch.Tensor:
-        """[vocab, H] at size 1; else this rank's vocab_rows plus `extra_rows`, zeroed: padding rows give logits that
-        gather_vocab drops, and the embedding's extra row is what ids of the other ranks' shards look up."""
+    def _vocab_table(self) -> torch.Tensor:
+        """[vocab, H] at size 1; else this rank's vocab_rows, zeroed: the last shard's padding rows give logits that
+        gather_vocab drops."""
         if self.tp.size == 1:
             return self._empty(self.config.vocab_size, self.config.hidden_size)
-        rows = self.layout.vocab_rows + extra_rows
-        return torch.zeros(rows, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        return torch.zeros(self.layout.vocab_rows, self.config.hidden_size, dtype=self.dtype, device=self.device)
 
     def weight_targets(self) -> dict[str, tuple[torch.Tensor, Shard]]:
         """HF tensor name -> (the (view of the fused) tensor it loads into, the shard of the checkpoint tensor that
@@ -252,14 +251,10 @@ class CausalLM:
     def _embed(self, input_ids: torch.Tensor, num_sms: int | None) -> torch.Tensor:
         if self.tp.size == 1:
             return gather_rows(input_ids, self.embed_tokens, num_sms=num_sms)
-        # Vocab-parallel lookup (masked lookup + all-reduce, as vLLM does): ids of other ranks' shards read the zero
-        # row past this shard, so the sum holds each token's one row exactly. An all-gather instead would need each
-        # rank to know which tokens the others looked up; the all-reduce costs as much as a layer's.
-        s = self.layout
-        local = input_ids - s.vocab_start
-        miss = (local < 0) | (local >= s.vocab_stop - s.vocab_start)
-        local = local.masked_fill(miss, self.embed_tokens.shape[0] - 1)
-        return all_reduce(gather_rows(local, self.embed_tokens, num_sms=num_sms), self.tp)
+        # Vocab-parallel lookup (as vLLM does): ids of other ranks' shards give zero rows, so the all-reduce holds each
+        # token's one row exactly. An all-gather instead would need each rank to know which tokens the others looked up.
+        rows = gather_rows(input_ids, self.embed_tokens, row_start=self.layout.vocab_start, num_sms=num_sms)
+        return all_reduce(rows, self.tp)
 
     def compute_logits(self, hidden: torch.Tensor, num_sms: int | None = None) -> torch.Tensor:
         """hidden [B, H] (already final-normed by forward) -> logits [B, V] via the lm_head GEMM, the whole

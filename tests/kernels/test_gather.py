@@ -53,3 +53,32 @@ def test_bad_inputs_name_the_argument():
         args = dict(ids=ids, table=table) | override
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             gather_rows(args.pop("ids"), args.pop("table"), **args)
+
+
+@given(vocab=st.sampled_from([1, 7, 50]), shards=st.integers(1, 4), hidden=st.sampled_from([1, 48, 100]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), num_sms=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_vocab_shards_sum_to_the_whole_lookup(vocab, shards, hidden, dtype, num_sms, seed):
+    """Each shard gives its own ids' rows and zeros elsewhere, so the shards' outputs add up to the unsharded lookup
+    (the vocab-parallel embedding's all-reduce)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(vocab, hidden, generator=gen).to(DEVICE, dtype)
+    ids = torch.randint(0, vocab, (11,), generator=gen).to(DEVICE)
+    rows = -(-vocab // shards)
+    total = torch.zeros(11, hidden, dtype=torch.float64, device=DEVICE)
+    for start in range(0, rows * shards, rows):
+        shard = table[start:start + rows]
+        if shard.shape[0] == 0:
+            continue
+        out = gather_rows(ids, shard, row_start=start, num_sms=num_sms)
+        inside = (ids >= start) & (ids < start + shard.shape[0])
+        assert torch.equal(out[~inside], torch.zeros_like(out[~inside]))
+        assert torch.equal(out[inside], table[ids[inside]])
+        total += out.double()
+    assert torch.equal(total, table[ids].double())
+
+
+def test_bad_row_start_is_refused():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="^row_start"):
+            gather_rows(torch.tensor([0]), torch.randn(4, 8), row_start=bad)
