@@ -22,8 +22,8 @@ _SUM = tl.standard._sum_combine
 # The interpreter runs one program at a time, so splitting a context only adds tiles and a merge launch: its splits
 # hold up to INTERPRET_DECODE_TILES.partition_size keys, more than its contexts reach (tests shrink it to merge).
 INTERPRET_DECODE_TILES = tile_table.DecodeTiles(block_n=64, partition_size=4096, num_warps=4)
-# Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, KV_ROWS, EVEN_D); tests switch them
-# off to run the compiled kernels' path through the interpreter.
+# Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, ALL_KV_HEADS, KV_ROWS, EVEN_D); tests
+# switch them off to run the compiled kernels' path through the interpreter.
 INTERPRET_PATHS = INTERPRET
 
 
@@ -50,10 +50,11 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, KV_PER_TILE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    HOST_SPLITS: tl.constexpr, KV_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+    HOST_SPLITS: tl.constexpr, ALL_KV_HEADS: tl.constexpr, KV_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # Interpreter-only paths (False when compiled): HOST_SPLITS, num_splits is already the number of splits holding
-    # keys (the host read seq_lens); KV_ROWS, K and V share strides, so one [COLS, D_PAD] offset tile and mask serve
+    # keys (the host read seq_lens); ALL_KV_HEADS, one tile serves every kv head of its request, so heads and masks
+    # are the same for every tile; KV_ROWS, K and V share strides, so one [COLS, D_PAD] offset tile and mask serve
     # both loads and the scores use K transposed; EVEN_D, HEAD_DIM == HEAD_DIM_PAD, so no column mask.
     # Index math in int64 only where it must be (see index_dtype_is_wide in kernels/utils.py): int32 otherwise, which
     # keeps the compiled kernel's registers from spilling.
@@ -80,24 +81,35 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
     last_kv = tl.cast(num_kv_heads, IDX) - 1
+    if ALL_KV_HEADS:
+        head = rows
+        row_mask = rows < tl.cast(num_kv_heads, IDX) * GROUP
+        same_kv = tl.minimum(row_kv, last_kv)[:, None] == col_kv[None, :]
+        cache_heads = col_kv
+        head_mask = col_kv < num_kv_heads
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tile_id = tl.cast(tile, IDX)
         split = tile_id % active_splits
         head_tile = tile_id // active_splits
-        first_kv = (head_tile % kv_tiles) * KV_PER_TILE
-        req = head_tile // kv_tiles
+        if ALL_KV_HEADS:
+            req = head_tile
+        else:
+            first_kv = (head_tile % kv_tiles) * KV_PER_TILE
+            req = head_tile // kv_tiles
         seq_len = tl.load(seq_lens_ptr + req)
         kv_start = split * partition_size
         kv_end = tl.minimum(seq_len, kv_start + partition_size)
-        head = first_kv * GROUP + rows
-        row_mask = (rows < KV_PER_TILE * GROUP) & (head // GROUP <= last_kv)
+        if not ALL_KV_HEADS:
+            head = first_kv * GROUP + rows
+            row_mask = (rows < KV_PER_TILE * GROUP) & (head // GROUP <= last_kv)
         if EVEN_D:
             io_mask = row_mask[:, None]
         else:
             io_mask = row_mask[:, None] & dim_mask[None, :]
-        same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == (first_kv + col_kv)[None, :]
-        cache_heads = first_kv + col_kv
-        head_mask = cache_heads < num_kv_heads
+        if not ALL_KV_HEADS:
+            same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == (first_kv + col_kv)[None, :]
+            cache_heads = first_kv + col_kv
+            head_mask = cache_heads < num_kv_heads
         q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_H], 0.0, tl.float32)
@@ -269,6 +281,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SEQS_PAD=next_power_of_2(num_seqs),
         SINGLE_SPLIT=single_split, WIDE_INDEX=wide, HOST_SPLITS=host_splits,
+        ALL_KV_HEADS=INTERPRET_PATHS and kv_tiles == 1,
         KV_ROWS=INTERPRET_PATHS and k_cache.stride() == v_cache.stride(),
         EVEN_D=INTERPRET_PATHS and head_dim == head_dim_pad,
         num_warps=tiles.num_warps if INTERPRET else tile_table.cuda_decode_num_warps(head_dim_pad),
