@@ -22,8 +22,8 @@ _SUM = tl.standard._sum_combine
 # The interpreter runs one program at a time, so splitting a context only adds tiles and a merge launch: its splits
 # hold up to INTERPRET_DECODE_TILES.partition_size keys, more than its contexts reach (tests shrink it to merge).
 INTERPRET_DECODE_TILES = tile_table.DecodeTiles(block_n=64, partition_size=4096, num_warps=4)
-# Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, ALL_KV_HEADS, KV_ROWS, EVEN_D); tests
-# switch them off to run the compiled kernels' path through the interpreter.
+# Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, ALL_KV_HEADS, KV_ROWS, EVEN_D,
+# ONE_STEP); tests switch them off to run the compiled kernels' path through the interpreter.
 INTERPRET_PATHS = INTERPRET
 
 
@@ -51,11 +51,13 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, WIDE_INDEX: tl.constexpr,
     HOST_SPLITS: tl.constexpr, ALL_KV_HEADS: tl.constexpr, KV_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+    ONE_STEP: tl.constexpr,
 ):
     # Interpreter-only paths (False when compiled): HOST_SPLITS, num_splits is already the number of splits holding
     # keys (the host read seq_lens); ALL_KV_HEADS, one tile serves every kv head of its request, so heads and masks
     # are the same for every tile; KV_ROWS, K and V share strides, so one [COLS, D_PAD] offset tile and mask serve
-    # both loads and the scores use K transposed; EVEN_D, HEAD_DIM == HEAD_DIM_PAD, so no column mask.
+    # both loads and the scores use K transposed; EVEN_D, HEAD_DIM == HEAD_DIM_PAD, so no column mask; ONE_STEP, no
+    # split holds more than BLOCK_N keys, so the softmax needs no rescaling (the online one's first step, bitwise).
     # Index math in int64 only where it must be (see index_dtype_is_wide in kernels/utils.py): int32 otherwise, which
     # keeps the compiled kernel's registers from spilling.
     IDX: tl.constexpr = tl.int64 if WIDE_INDEX else tl.int32
@@ -135,17 +137,25 @@ def _decode_split_kernel(
                             + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, COLS]
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(key_mask[None, :] & same_kv, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+            if ONE_STEP:
+                m_i = tl.reduce(s, 1, _MAX)
+                p = tl.exp2(s - m_i[:, None])
+                l_i = tl.reduce(p, 1, _SUM)
+            else:
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
             if KV_ROWS:
                 v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # [COLS, D_PAD]
             else:
                 v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + cache_heads * stride_vh)[:, None]
                             + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [COLS, D_PAD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            if ONE_STEP:
+                acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         if SINGLE_SPLIT:
@@ -258,10 +268,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_per_tile = tile_table.kv_heads_per_tile(num_kv_heads)
     head_dim_pad = max(16, next_power_of_2(head_dim))
     kv_tiles = triton.cdiv(num_kv_heads, kv_per_tile)
-    host_splits = INTERPRET_PATHS
-    if host_splits and num_splits > 1:
+    host_splits, one_step = INTERPRET_PATHS, False
+    if host_splits:
         # seq_lens lies in host memory: run only the splits that hold keys of the batch's longest context.
-        num_splits = min(num_splits, max(1, triton.cdiv(int(seq_lens.max()), tiles.partition_size)))
+        longest = int(seq_lens.max())
+        num_splits = min(num_splits, max(1, triton.cdiv(longest, tiles.partition_size)))
+        one_step = min(longest, tiles.partition_size) <= tiles.block_n
     grid = num_programs(num_seqs * kv_tiles * num_splits, num_sms, q.device)
     # With one split the merge would multiply by exp2(0) = 1 and divide by 1: storing directly is bitwise the same.
     single_split = num_splits == 1
@@ -283,7 +295,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SINGLE_SPLIT=single_split, WIDE_INDEX=wide, HOST_SPLITS=host_splits,
         ALL_KV_HEADS=INTERPRET_PATHS and kv_tiles == 1,
         KV_ROWS=INTERPRET_PATHS and k_cache.stride() == v_cache.stride(),
-        EVEN_D=INTERPRET_PATHS and head_dim == head_dim_pad,
+        EVEN_D=INTERPRET_PATHS and head_dim == head_dim_pad, ONE_STEP=one_step,
         num_warps=tiles.num_warps if INTERPRET else tile_table.cuda_decode_num_warps(head_dim_pad),
     )
     if single_split:

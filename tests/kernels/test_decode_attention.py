@@ -15,10 +15,11 @@ from tests.conftest import DEVICE
 
 # fp32 runs tl.dot in IEEE precision; fp16/bf16 round the softmax weights to the input dtype before the PV product.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-# Interpreter tiles: its own (one split holds every test context), or splits of 32 keys in 16-key steps, so test
-# contexts span several splits (and the merge) and several steps a split.
+# Interpreter tiles: its own (one split holds every test context), splits of 32 keys in 16-key steps (test contexts
+# span several splits, the merge, and several steps a split), or splits of one 16-key step each.
 ONE_SPLIT = decode_module.INTERPRET_DECODE_TILES
 SMALL_SPLITS = DecodeTiles(block_n=16, partition_size=32, num_warps=4)
+ONE_STEP_SPLITS = DecodeTiles(block_n=16, partition_size=16, num_warps=4)
 
 
 @contextlib.contextmanager
@@ -107,7 +108,8 @@ def run(batch: dict, num_sms: int, **kwargs) -> torch.Tensor:
 
 @pytest.mark.parametrize("interpreter_paths", [True, False], ids=["interpreter-paths", "compiled-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@given(case=decode_cases(), num_sms=st.integers(1, 64), tiles=st.sampled_from([ONE_SPLIT, SMALL_SPLITS]))
+@given(case=decode_cases(), num_sms=st.integers(1, 64),
+       tiles=st.sampled_from([ONE_SPLIT, SMALL_SPLITS, ONE_STEP_SPLITS]))
 def test_matches_reference(dtype, interpreter_paths, case, num_sms, tiles, device):
     batch = build_batch(case, dtype, device)
     with kernel_config(interpreter_paths, tiles):
@@ -130,13 +132,15 @@ def test_bitwise_independent_of_num_sms_and_workspace(case, num_sms, interpreter
 
 @pytest.mark.parametrize("interpreter_paths", [True, False], ids=["interpreter-paths", "compiled-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_request_output_independent_of_batch_and_table_width(dtype, interpreter_paths, device):
+@pytest.mark.parametrize("tiles", [SMALL_SPLITS, ONE_SPLIT], ids=["small-splits", "one-split"])
+def test_request_output_independent_of_batch_and_table_width(dtype, interpreter_paths, tiles, device):
     """A request's output is bitwise the same alone (narrowest table) and beside a longer request with a wide table,
-    so graph steps (tables as wide as max_model_len) and eager steps give the same tokens."""
-    with kernel_config(interpreter_paths, SMALL_SPLITS):
-        split = decode_tiles().partition_size
-        case = dict(seq_lens=[split + 5, 4 * split + 3], block_size=16, num_kv_heads=2, group=2, head_dim=64,
-                    extra_blocks=7, seed=9)
+    so graph steps (tables as wide as max_model_len) and eager steps give the same tokens. In one split the first
+    request fits one step: alone it runs the interpreter's ONE_STEP path, beside the other the online softmax."""
+    with kernel_config(interpreter_paths, tiles):
+        split, step = decode_tiles().partition_size, decode_tiles().block_n
+        seq_lens = [split + 5, 4 * split + 3] if split < 4 * step else [step - 3, 3 * step + 1]
+        case = dict(seq_lens=seq_lens, block_size=16, num_kv_heads=2, group=2, head_dim=64, extra_blocks=7, seed=9)
         batch = build_batch(case, dtype, device)
         both = run(batch, 3)
         width = -(-case["seq_lens"][0] // 16)
