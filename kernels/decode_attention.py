@@ -13,8 +13,8 @@ from minidu.kernels.utils import INTERPRET, check_tensor, index_dtype_is_wide, n
 
 LOG2E = math.log2(math.e)
 # tl.max and tl.sum are @jit helpers: the interpreter re-patches triton.language on every call of one (~0.5 ms, as much
-# as 20 ops). On 32-bit inputs, as here, they are exactly tl.reduce with these combine functions, which the interpreter
-# runs as one numpy reduction (compiled, the PTX is the same).
+# as 20 ops). On 32- and 64-bit inputs, as here, they are exactly tl.reduce with these combine functions, which the
+# interpreter runs as one numpy reduction (compiled, the PTX is the same).
 _MAX = tl.standard._elementwise_max
 _SUM = tl.standard._sum_combine
 
