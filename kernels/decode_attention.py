@@ -12,6 +12,19 @@ from minidu.kernels import tiles as tile_table
 from minidu.kernels.utils import INTERPRET, check_tensor, index_dtype_is_wide, next_power_of_2, num_programs
 
 LOG2E = math.log2(math.e)
+# tl.max and tl.sum are @jit helpers: the interpreter re-patches triton.language on every call of one (~0.5 ms, as much
+# as 20 ops). On 32- and 64-bit inputs, as here, they are exactly tl.reduce with these combine functions, which the
+# interpreter runs as one numpy reduction (compiled, the PTX is the same).
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
+# ---- interpreter-only choices (compiled kernels never take them; to move to kernels/tiles.py) ----
+# The interpreter runs one program at a time, so splitting a context only adds tiles and a merge launch: its splits
+# hold up to INTERPRET_DECODE_TILES.partition_size keys, more than its contexts reach (tests shrink it to merge).
+INTERPRET_DECODE_TILES = tile_table.DecodeTiles(block_n=64, partition_size=4096, num_warps=4)
+# Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, ALL_KV_HEADS, KV_ROWS, EVEN_D,
+# ONE_STEP); tests switch them off to run the compiled kernels' path through the interpreter.
+INTERPRET_PATHS = INTERPRET
 
 
 @triton.jit
@@ -37,16 +50,26 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, KV_PER_TILE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SEQS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    HOST_SPLITS: tl.constexpr, ALL_KV_HEADS: tl.constexpr, KV_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+    ONE_STEP: tl.constexpr,
 ):
+    # Interpreter-only paths (False when compiled): HOST_SPLITS, num_splits is already the number of splits holding
+    # keys (the host read seq_lens); ALL_KV_HEADS, one tile serves every kv head of its request, so heads and masks
+    # are the same for every tile; KV_ROWS, K and V share strides, so one [COLS, D_PAD] offset tile and mask serve
+    # both loads and the scores use K transposed; EVEN_D, HEAD_DIM == HEAD_DIM_PAD, so no column mask; ONE_STEP, no
+    # split holds more than BLOCK_N keys, so the softmax needs no rescaling (the online one's first step, bitwise).
     # Index math in int64 only where it must be (see index_dtype_is_wide in kernels/utils.py): int32 otherwise, which
     # keeps the compiled kernel's registers from spilling.
     IDX: tl.constexpr = tl.int64 if WIDE_INDEX else tl.int32
     pid = tl.program_id(0)
     # Only splits that hold keys of the batch's longest context get tiles: the grid is sized for the block tables'
     # capacity (fixed under CUDA graphs), the work follows the real contexts, whatever the SM budget.
-    seqs = tl.arange(0, SEQS_PAD)
-    longest = tl.max(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0).to(IDX)
-    active_splits = tl.minimum(tl.maximum((longest + partition_size - 1) // partition_size, 1), num_splits)
+    if HOST_SPLITS:
+        active_splits = tl.cast(num_splits, IDX)
+    else:
+        seqs = tl.arange(0, SEQS_PAD)
+        longest = tl.reduce(tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0), 0, _MAX).to(IDX)
+        active_splits = tl.minimum(tl.maximum((longest + partition_size - 1) // partition_size, 1), num_splits)
     num_tiles = tl.cast(num_seqs, IDX) * kv_tiles * active_splits
     # A tile serves KV_PER_TILE kv heads and the GROUP query heads sharing each (padded to BLOCK_H >= 16 rows for
     # tl.dot), so each K/V tile is loaded once per kv head. Its key columns are KV_PER_TILE strips of BLOCK_N keys,
@@ -60,21 +83,35 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
     last_kv = tl.cast(num_kv_heads, IDX) - 1
+    if ALL_KV_HEADS:
+        head = rows
+        row_mask = rows < tl.cast(num_kv_heads, IDX) * GROUP
+        same_kv = tl.minimum(row_kv, last_kv)[:, None] == col_kv[None, :]
+        cache_heads = col_kv
+        head_mask = col_kv < num_kv_heads
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
         tile_id = tl.cast(tile, IDX)
         split = tile_id % active_splits
         head_tile = tile_id // active_splits
-        first_kv = (head_tile % kv_tiles) * KV_PER_TILE
-        req = head_tile // kv_tiles
+        if ALL_KV_HEADS:
+            req = head_tile
+        else:
+            first_kv = (head_tile % kv_tiles) * KV_PER_TILE
+            req = head_tile // kv_tiles
         seq_len = tl.load(seq_lens_ptr + req)
         kv_start = split * partition_size
         kv_end = tl.minimum(seq_len, kv_start + partition_size)
-        head = first_kv * GROUP + rows
-        row_mask = (rows < KV_PER_TILE * GROUP) & (head // GROUP <= last_kv)
-        io_mask = row_mask[:, None] & dim_mask[None, :]
-        same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == (first_kv + col_kv)[None, :]
-        cache_heads = first_kv + col_kv
-        head_mask = cache_heads < num_kv_heads
+        if not ALL_KV_HEADS:
+            head = first_kv * GROUP + rows
+            row_mask = (rows < KV_PER_TILE * GROUP) & (head // GROUP <= last_kv)
+        if EVEN_D:
+            io_mask = row_mask[:, None]
+        else:
+            io_mask = row_mask[:, None] & dim_mask[None, :]
+        if not ALL_KV_HEADS:
+            same_kv = tl.minimum(first_kv + row_kv, last_kv)[:, None] == (first_kv + col_kv)[None, :]
+            cache_heads = first_kv + col_kv
+            head_mask = cache_heads < num_kv_heads
         q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_H], 0.0, tl.float32)
@@ -88,18 +125,37 @@ def _decode_split_kernel(
             # Padding entries of the block table lie past seq_len and are never loaded.
             block = tl.load(block_table + keys // BLOCK_SIZE, mask=key_mask, other=0).to(IDX)
             offset = keys % BLOCK_SIZE
-            k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
-                        + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, COLS]
+            if KV_ROWS:
+                kv_offs = (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[:, None] + dims[None, :]
+                if EVEN_D:
+                    kv_mask = key_mask[:, None]
+                else:
+                    kv_mask = key_mask[:, None] & dim_mask[None, :]
+                k = tl.trans(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0))  # [D_PAD, COLS]
+            else:
+                k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + cache_heads * stride_kh)[None, :]
+                            + dims[:, None], mask=key_mask[None, :] & dim_mask[:, None], other=0.0)  # [D_PAD, COLS]
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(key_mask[None, :] & same_kv, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + cache_heads * stride_vh)[:, None]
-                        + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [COLS, D_PAD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            if ONE_STEP:
+                m_i = tl.reduce(s, 1, _MAX)
+                p = tl.exp2(s - m_i[:, None])
+                l_i = tl.reduce(p, 1, _SUM)
+            else:
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+            if KV_ROWS:
+                v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # [COLS, D_PAD]
+            else:
+                v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + cache_heads * stride_vh)[:, None]
+                            + dims[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)  # [COLS, D_PAD]
+            if ONE_STEP:
+                acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         if SINGLE_SPLIT:
@@ -154,9 +210,15 @@ def _decode_merge_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
+def decode_tiles() -> tile_table.DecodeTiles:
+    """The tiles decode_attention uses: INTERPRET_DECODE_TILES in the interpreter, else tiles.DECODE_TILES (both read
+    at call time, so tests may patch them)."""
+    return INTERPRET_DECODE_TILES if INTERPRET else tile_table.DECODE_TILES
+
+
 def decode_num_splits(max_blocks: int, block_size: int) -> int:
     """Splits of the workspace: enough for a context filling the block tables (fewer run when contexts are shorter)."""
-    return triton.cdiv(max(1, max_blocks * block_size), tile_table.DECODE_TILES.partition_size)
+    return triton.cdiv(max(1, max_blocks * block_size), decode_tiles().partition_size)
 
 
 def decode_workspace(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
@@ -192,7 +254,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    tiles = tile_table.DECODE_TILES
+    tiles = decode_tiles()
     num_splits = decode_num_splits(block_tables.shape[1], block_size)
     if workspace is None:
         workspace = decode_workspace(q, k_cache, block_tables)
@@ -206,6 +268,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_per_tile = tile_table.kv_heads_per_tile(num_kv_heads)
     head_dim_pad = max(16, next_power_of_2(head_dim))
     kv_tiles = triton.cdiv(num_kv_heads, kv_per_tile)
+    host_splits, one_step = INTERPRET_PATHS, False
+    if host_splits:
+        # seq_lens lies in host memory: run only the splits that hold keys of the batch's longest context.
+        longest = int(seq_lens.max())
+        num_splits = min(num_splits, max(1, triton.cdiv(longest, tiles.partition_size)))
+        one_step = min(longest, tiles.partition_size) <= tiles.block_n
     grid = num_programs(num_seqs * kv_tiles * num_splits, num_sms, q.device)
     # With one split the merge would multiply by exp2(0) = 1 and divide by 1: storing directly is bitwise the same.
     single_split = num_splits == 1
@@ -224,7 +292,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, KV_PER_TILE=kv_per_tile, BLOCK_H=max(16, next_power_of_2(kv_per_tile * group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=tiles.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SEQS_PAD=next_power_of_2(num_seqs),
-        SINGLE_SPLIT=single_split, WIDE_INDEX=wide,
+        SINGLE_SPLIT=single_split, WIDE_INDEX=wide, HOST_SPLITS=host_splits,
+        ALL_KV_HEADS=INTERPRET_PATHS and kv_tiles == 1,
+        KV_ROWS=INTERPRET_PATHS and k_cache.stride() == v_cache.stride(),
+        EVEN_D=INTERPRET_PATHS and head_dim == head_dim_pad, ONE_STEP=one_step,
         num_warps=tiles.num_warps if INTERPRET else tile_table.cuda_decode_num_warps(head_dim_pad),
     )
     if single_split:

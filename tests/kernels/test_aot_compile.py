@@ -65,7 +65,9 @@ def attention_variants(dtype: torch.dtype, capability: int) -> list[dict]:
         p = tiles.cuda_prefill_tiles_within_registers(group_pad, pad, dtype.itemsize)
         out[group, d] = [_variant(f"decode-{name}-single{single}", "decode_split", dtype, capability, dict(
             GROUP=group, KV_PER_TILE=1, BLOCK_H=max(16, group_pad), BLOCK_SIZE=16, HEAD_DIM=d, HEAD_DIM_PAD=pad,
-            BLOCK_N=t.block_n, DOT_PRECISION=precision, SEQS_PAD=256, SINGLE_SPLIT=single, WIDE_INDEX=False),
+            BLOCK_N=t.block_n, DOT_PRECISION=precision, SEQS_PAD=256, SINGLE_SPLIT=single, WIDE_INDEX=False,
+            HOST_SPLITS=False, ALL_KV_HEADS=False, KV_ROWS=False, EVEN_D=False,
+            ONE_STEP=False),
             tiles.cuda_decode_num_warps(pad), 3)
             for single in (True, False)] + [
             _variant(f"merge-{name}", "decode_merge", dtype, capability,

@@ -1,15 +1,34 @@
-"""decode_attention (split-KV with a log-sum-exp merge) against a float64 reference over the paged cache."""
+"""decode_attention (split-KV with a log-sum-exp merge) against a float64 reference over the paged cache, through the
+compiled kernels' path and the interpreter's own paths, in one split or many."""
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidu.kernels.decode_attention import decode_attention, decode_workspace
-from minidu.kernels.tiles import DECODE_TILES
+from minidu.kernels import decode_attention as decode_module
+from minidu.kernels.decode_attention import decode_attention, decode_tiles, decode_workspace
+from minidu.kernels.tiles import DecodeTiles
 from tests.conftest import DEVICE
 
 # fp32 runs tl.dot in IEEE precision; fp16/bf16 round the softmax weights to the input dtype before the PV product.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Interpreter tiles: its own (one split holds every test context), splits of 32 keys in 16-key steps (test contexts
+# span several splits, the merge, and several steps a split), or splits of one 16-key step each.
+ONE_SPLIT = decode_module.INTERPRET_DECODE_TILES
+SMALL_SPLITS = DecodeTiles(block_n=16, partition_size=32, num_warps=4)
+ONE_STEP_SPLITS = DecodeTiles(block_n=16, partition_size=16, num_warps=4)
+
+
+@contextlib.contextmanager
+def kernel_config(interpreter_paths: bool, tiles: DecodeTiles):
+    """The interpreter's own kernel paths on or off (off: the compiled kernels' path) and its tiles (no effect on the
+    tiles of compiled kernels)."""
+    with (mock.patch.object(decode_module, "INTERPRET_PATHS", interpreter_paths),
+          mock.patch.object(decode_module, "INTERPRET_DECODE_TILES", tiles)):
+        yield
 
 
 @st.composite
@@ -24,13 +43,15 @@ def decode_cases(draw, max_len: int = 100):
         group=draw(st.sampled_from([1, 2, 4, 8])),
         head_dim=draw(st.sampled_from([64, 128, 80, 96])),
         extra_blocks=draw(st.integers(0, 4)),
+        strided_v=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
 def build_batch(case: dict, dtype: torch.dtype, device: torch.device) -> dict:
     """Random q and a paged cache with shuffled blocks. Every cache slot no request owns holds NaN and every unused
-    block-table entry is -1, so reading either would poison the output."""
+    block-table entry is -1, so reading either would poison the output. `strided_v`: v_cache is a view into wider
+    rows (NaN beyond head_dim), so its strides differ from k_cache's."""
     gen = torch.Generator().manual_seed(case["seed"])
     bs, hk, d = case["block_size"], case["num_kv_heads"], case["head_dim"]
     seq_lens = case["seq_lens"]
@@ -49,7 +70,12 @@ def build_batch(case: dict, dtype: torch.dtype, device: torch.device) -> dict:
         k_cache[blocks, offsets] = torch.randn(n, hk, d, generator=gen)
         v_cache[blocks, offsets] = torch.randn(n, hk, d, generator=gen)
     q = torch.randn(len(seq_lens), hk * case["group"], d, generator=gen)
-    return dict(q=q.to(device, dtype), k_cache=k_cache.to(device, dtype), v_cache=v_cache.to(device, dtype),
+    v_cache = v_cache.to(device, dtype)
+    if case.get("strided_v"):
+        wide = torch.full((*v_cache.shape[:-1], d + 16), float("nan"), dtype=dtype, device=device)
+        wide[..., :d] = v_cache
+        v_cache = wide[..., :d]
+    return dict(q=q.to(device, dtype), k_cache=k_cache.to(device, dtype), v_cache=v_cache,
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device), block_tables=block_tables.to(device))
 
 
@@ -80,38 +106,47 @@ def run(batch: dict, num_sms: int, **kwargs) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("interpreter_paths", [True, False], ids=["interpreter-paths", "compiled-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@given(case=decode_cases(), num_sms=st.integers(1, 64))
-def test_matches_reference(dtype, case, num_sms, device):
+@given(case=decode_cases(), num_sms=st.integers(1, 64),
+       tiles=st.sampled_from([ONE_SPLIT, SMALL_SPLITS, ONE_STEP_SPLITS]))
+def test_matches_reference(dtype, interpreter_paths, case, num_sms, tiles, device):
     batch = build_batch(case, dtype, device)
-    out = run(batch, num_sms)
+    with kernel_config(interpreter_paths, tiles):
+        out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
 @settings(max_examples=4)
-@given(case=decode_cases(), num_sms=st.integers(2, 64))
-def test_bitwise_independent_of_num_sms_and_workspace(case, num_sms, device):
+@given(case=decode_cases(), num_sms=st.integers(2, 64), interpreter_paths=st.booleans())
+def test_bitwise_independent_of_num_sms_and_workspace(case, num_sms, interpreter_paths, device):
     batch = build_batch(case, torch.float32, device)
-    workspace = decode_workspace(batch["q"], batch["k_cache"], batch["block_tables"])
-    workspace[0].fill_(float("nan"))
-    workspace[1].fill_(float("nan"))
-    assert torch.equal(run(batch, 1), run(batch, num_sms, workspace=workspace))
+    with kernel_config(interpreter_paths, SMALL_SPLITS):
+        workspace = decode_workspace(batch["q"], batch["k_cache"], batch["block_tables"])
+        workspace[0].fill_(float("nan"))
+        workspace[1].fill_(float("nan"))
+        assert torch.equal(run(batch, 1), run(batch, num_sms, workspace=workspace))
 
 
+@pytest.mark.parametrize("interpreter_paths", [True, False], ids=["interpreter-paths", "compiled-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_request_output_independent_of_batch_and_table_width(dtype, device):
+@pytest.mark.parametrize("tiles", [SMALL_SPLITS, ONE_SPLIT], ids=["small-splits", "one-split"])
+def test_request_output_independent_of_batch_and_table_width(dtype, interpreter_paths, tiles, device):
     """A request's output is bitwise the same alone (narrowest table) and beside a longer request with a wide table,
-    so graph steps (tables as wide as max_model_len) and eager steps give the same tokens."""
-    split = DECODE_TILES.partition_size
-    case = dict(seq_lens=[split + 5, 4 * split + 3], block_size=16, num_kv_heads=2, group=2, head_dim=64,
-                extra_blocks=7, seed=9)
-    batch = build_batch(case, dtype, device)
-    both = run(batch, 3)
-    width = -(-case["seq_lens"][0] // 16)
-    alone = dict(batch, q=batch["q"][:1], seq_lens=batch["seq_lens"][:1], block_tables=batch["block_tables"][:1, :width])
-    assert torch.equal(run(alone, 2)[0], both[0])
+    so graph steps (tables as wide as max_model_len) and eager steps give the same tokens. In one split the first
+    request fits one step: alone it runs the interpreter's ONE_STEP path, beside the other the online softmax."""
+    with kernel_config(interpreter_paths, tiles):
+        split, step = decode_tiles().partition_size, decode_tiles().block_n
+        seq_lens = [split + 5, 4 * split + 3] if split < 4 * step else [step - 3, 3 * step + 1]
+        case = dict(seq_lens=seq_lens, block_size=16, num_kv_heads=2, group=2, head_dim=64, extra_blocks=7, seed=9)
+        batch = build_batch(case, dtype, device)
+        both = run(batch, 3)
+        width = -(-case["seq_lens"][0] // 16)
+        alone = dict(batch, q=batch["q"][:1], seq_lens=batch["seq_lens"][:1],
+                     block_tables=batch["block_tables"][:1, :width])
+        assert torch.equal(run(alone, 2)[0], both[0])
 
 
 def test_padding_rows_give_zeros(device):
