@@ -10,70 +10,6 @@ from minidu.kernels.rmsnorm import check_eps, rms_norm
 from minidu.kernels.tiles import GemmConfig
 from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, num_programs, resolve_num_sms
 
-@triton.jit
-def _product(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, num_k_tiles, SILU_MUL: tl.constexpr,
-             EVEN_K: tl.constexpr, W_PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    """x[offs_m] @ w[offs_n].T, [BLOCK_M, BLOCK_N] in fp32, over K in num_k_tiles steps of BLOCK_K. One function for
-    each row block of a tile: the interpreter re-patches triton.language at every call of a jit function (0.2 ms),
-    so none is called in the K loop."""
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows past M (or N) wrap onto valid rows so the K loop loads without M/N masks; the store drops them.
-    # int64 row offsets: M * stride can pass 2**31 for long prompts times wide outputs.
-    x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    if W_PACK == 1:
-        w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
-    else:
-        # Packed weights load as BLOCK_N rows of BLOCK_K // W_PACK words, flattened: the interpreter gathers
-        # 1-D blocks about 1.5x faster per element than 2-D ones.
-        offs_kw = tl.arange(0, BLOCK_K // W_PACK)
-        w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
-        w_ptrs = w_ptrs.reshape(BLOCK_N * (BLOCK_K // W_PACK))
-        if not EVEN_K:
-            # Word column of each element of the flattened block.
-            word_cols = tl.arange(0, BLOCK_N * (BLOCK_K // W_PACK)) % (BLOCK_K // W_PACK)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k in range(0, num_k_tiles):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if SILU_MUL:
-            # SwiGLU as the prologue of the down projection: silu(gate) * up rounded to x's dtype, the value
-            # silu_and_mul would store, so the fused product equals the unfused one bitwise.
-            if EVEN_K:
-                up = tl.load(x_ptrs + K)
-            else:
-                up = tl.load(x_ptrs + K, mask=offs_k[None, :] < k_left, other=0.0)
-            gate = a.to(tl.float32)
-            e = tl.exp(-tl.abs(gate))
-            sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            a = (gate * sigmoid * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        if W_PACK == 1:
-            if EVEN_K:
-                b = tl.load(w_ptrs)
-            else:
-                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        else:
-            if EVEN_K:
-                words = tl.load(w_ptrs)
-            else:
-                words = tl.load(w_ptrs, mask=word_cols < k_left // W_PACK, other=0)
-            # Word j of a row holds elements W_PACK*j, W_PACK*j + 1, ... from its lowest bits up (little-endian):
-            # split into 32-bit halves, then (16-bit types) 16-bit quarters, interleaving them back in order.
-            # Unsigned words: the interpreter's logical shift is one numpy op, its arithmetic shift three.
-            bits = tl.join(words.to(tl.uint32), (words >> 32).to(tl.uint32))
-            if W_PACK == 4:
-                bits = tl.join(bits.to(tl.uint16), (bits >> 16).to(tl.uint16))
-            b = tl.trans(bits.reshape(BLOCK_N, BLOCK_K).to(x_ptr.dtype.element_ty, bitcast=True))
-        # ieee keeps fp32 exact (no tf32 rounding); half-precision inputs use tensor cores regardless.
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // W_PACK
-    return acc
-
-
 @triton.jit(do_not_specialize=["num_pid_m", "num_pid_n", "num_k_tiles", "num_progs"])
 def _gemm_kernel(
     x_ptr,  # [M, K] (or [M, 2K] = [gate | up] if SILU_MUL), row stride stride_xm
@@ -95,14 +31,15 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    # A second row block after the first in each tile, with its own K steps (0: none; see tiles.GemmConfig).
-    BLOCK_N2: tl.constexpr,
-    BLOCK_K2: tl.constexpr,
-    EVEN_K2: tl.constexpr,
 ):
     # int64 tile index math and a host-computed tile grid: see the interpreter notes in kernels/utils.py.
     tiles_per_group = tl.cast(num_pid_n, tl.int64) * GROUP_M
     num_tiles = tl.cast(num_pid_m, tl.int64) * num_pid_n
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // W_PACK)
+    if W_PACK > 1 and not EVEN_K:
+        # Word column of each element of a flattened [BLOCK_N, BLOCK_K // W_PACK] block of packed weights.
+        word_cols = tl.arange(0, BLOCK_N * (BLOCK_K // W_PACK)) % (BLOCK_K // W_PACK)
     for tile in tl.range(tl.program_id(0), num_tiles, num_progs):
         # GROUP_M row-tiles sweep the N tiles together, so their w columns are reused from L2.
         tile_id = tl.cast(tile, tl.int64)
@@ -111,9 +48,56 @@ def _gemm_kernel(
         pid_m = first_m + (tile_id % tiles_per_group) % group_m
         pid_n = (tile_id % tiles_per_group) // group_m
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * (BLOCK_N + BLOCK_N2) + tl.arange(0, BLOCK_N)
-        acc = _product(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, num_k_tiles, SILU_MUL, EVEN_K,
-                       W_PACK, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past M (or N) wrap onto valid rows so the K loop loads without M/N masks; the store drops them.
+        # int64 row offsets: M * stride can pass 2**31 for long prompts times wide outputs.
+        x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        if W_PACK == 1:
+            w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        else:
+            # Packed weights load as BLOCK_N rows of BLOCK_K // W_PACK words, flattened: the interpreter gathers
+            # 1-D blocks about 1.5x faster per element than 2-D ones.
+            w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+            w_ptrs = w_ptrs.reshape(BLOCK_N * (BLOCK_K // W_PACK))
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for k in range(0, num_k_tiles):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            if SILU_MUL:
+                # SwiGLU as the prologue of the down projection: silu(gate) * up rounded to x's dtype, the value
+                # silu_and_mul would store, so the fused product equals the unfused one bitwise.
+                if EVEN_K:
+                    up = tl.load(x_ptrs + K)
+                else:
+                    up = tl.load(x_ptrs + K, mask=offs_k[None, :] < k_left, other=0.0)
+                gate = a.to(tl.float32)
+                e = tl.exp(-tl.abs(gate))
+                sigmoid = tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+                a = (gate * sigmoid * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if W_PACK == 1:
+                if EVEN_K:
+                    b = tl.load(w_ptrs)
+                else:
+                    b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            else:
+                if EVEN_K:
+                    words = tl.load(w_ptrs)
+                else:
+                    words = tl.load(w_ptrs, mask=word_cols < k_left // W_PACK, other=0)
+                # Word j of a row holds elements W_PACK*j, W_PACK*j + 1, ... from its lowest bits up (little-endian):
+                # split into 32-bit halves, then (16-bit types) 16-bit quarters, interleaving them back in order.
+                # Unsigned words: the interpreter's logical shift is one numpy op, its arithmetic shift three.
+                bits = tl.join(words.to(tl.uint32), (words >> 32).to(tl.uint32))
+                if W_PACK == 4:
+                    bits = tl.join(bits.to(tl.uint16), (bits >> 16).to(tl.uint16))
+                b = tl.trans(bits.reshape(BLOCK_N, BLOCK_K).to(x_ptr.dtype.element_ty, bitcast=True))
+            # ieee keeps fp32 exact (no tf32 rounding); half-precision inputs use tensor cores regardless.
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // W_PACK
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -124,45 +108,18 @@ def _gemm_kernel(
             y = (y.to(tl.float32) + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
         tl.store(out_ptrs, y, mask=mask)
         if NORM:
-            # The next RMSNorm over whole rows (the launcher's tile covers N), in rms_norm's order and padding so the
-            # result is bitwise rms_norm's.
+            # The next RMSNorm over whole rows (the launcher makes BLOCK_N = next_power_of_2(N), one column tile),
+            # in rms_norm's order and padding so the result is bitwise rms_norm's.
             yf = tl.where(offs_n[None, :] < N, y.to(tl.float32), 0.0)
-            sum_sq = tl.sum(yf * yf, axis=1)
-        if BLOCK_N2 > 0:
-            # Rows BLOCK_N.. of the tile (576 = 512 + 64), which a single power-of-two block would cover by loading
-            # wrapped rows (1024 for 576); the same epilogue.
-            offs_n2 = pid_n * (BLOCK_N + BLOCK_N2) + BLOCK_N + tl.arange(0, BLOCK_N2)
-            acc2 = _product(x_ptr, w_ptr, offs_m, offs_n2, M, N, K, stride_xm, stride_wn, tl.cdiv(K, BLOCK_K2),
-                            SILU_MUL, EVEN_K2, W_PACK, BLOCK_M, BLOCK_N2, BLOCK_K2)
-            if HAS_BIAS:
-                acc2 += tl.load(bias_ptr + offs_n2, mask=offs_n2 < N, other=0.0).to(tl.float32)[None, :]
-            out_ptrs2 = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n2[None, :]
-            mask2 = (offs_m[:, None] < M) & (offs_n2[None, :] < N)
-            y2 = acc2.to(out_ptr.dtype.element_ty)
-            if HAS_RESIDUAL:
-                y2 = (y2.to(tl.float32) + tl.load(out_ptrs2, mask=mask2, other=0.0).to(tl.float32)).to(y2.dtype)
-            tl.store(out_ptrs2, y2, mask=mask2)
-            if NORM:
-                # rms_norm pads the row to a power of two, 2 * BLOCK_N columns here, and numpy's pairwise sum over
-                # more than 128 columns adds its halves' sums: the first block's, then the zero-padded second's (equal
-                # to the second block's own sum when it has 8 columns or more, as tiles.py ensures).
-                yf2 = tl.where(offs_n2[None, :] < N, y2.to(tl.float32), 0.0)
-                sum_sq += tl.sum(yf2 * yf2, axis=1)
-        if NORM:
-            rstd = tl.rsqrt(sum_sq / N + eps)
+            variance = tl.sum(yf * yf, axis=1) / N
+            normed = (yf * tl.rsqrt(variance + eps)[:, None]).to(y.dtype).to(tl.float32)
             nw = tl.load(norm_weight_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            normed = (yf * rstd[:, None]).to(y.dtype).to(tl.float32) * nw[None, :]
             norm_ptrs = norm_out_ptr + offs_m.to(tl.int64)[:, None] * stride_nm + offs_n[None, :]
-            tl.store(norm_ptrs, normed.to(y.dtype), mask=mask)
-            if BLOCK_N2 > 0:
-                nw2 = tl.load(norm_weight_ptr + offs_n2, mask=offs_n2 < N, other=0.0).to(tl.float32)
-                normed2 = (yf2 * rstd[:, None]).to(y.dtype).to(tl.float32) * nw2[None, :]
-                norm_ptrs2 = norm_out_ptr + offs_m.to(tl.int64)[:, None] * stride_nm + offs_n2[None, :]
-                tl.store(norm_ptrs2, normed2.to(y.dtype), mask=mask2)
+            tl.store(norm_ptrs, (normed * nw[None, :]).to(y.dtype), mask=mask)
 
 
-def _num_tiles(m: int, n: int, cfg: GemmConfig) -> int:
-    return triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n + cfg.block_n2)
+def _num_tiles(m: int, n: int, block_m: int, block_n: int) -> int:
+    return triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
@@ -256,7 +213,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
 def _launch(x, w, bias, out, normed, norm_weight, eps, silu_mul: bool, has_residual: bool, num_sms) -> None:
     m, k, n = x.shape[0], w.shape[1], w.shape[0]
     cfg = gemm_config(m, n, k, x.dtype, x.device, norm=normed is not None)
-    grid = num_programs(_num_tiles(m, n, cfg), num_sms, x.device)
+    grid = num_programs(_num_tiles(m, n, cfg.block_m, cfg.block_n), num_sms, x.device)
     pack = _weight_pack(w)
     w_arg = w if pack == 1 else w.view(torch.uint64)
     _gemm_kernel[(grid,)](
@@ -264,7 +221,7 @@ def _launch(x, w, bias, out, normed, norm_weight, eps, silu_mul: bool, has_resid
         norm_weight if normed is not None else out, normed if normed is not None else out,
         m, n, k, float(eps) if normed is not None else 0.0,
         x.stride(0), w_arg.stride(0), out.stride(0), normed.stride(0) if normed is not None else 0,
-        triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n + cfg.block_n2), triton.cdiv(k, cfg.block_k), grid,
+        triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), grid,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
         HAS_RESIDUAL=has_residual,
@@ -272,6 +229,5 @@ def _launch(x, w, bias, out, normed, norm_weight, eps, silu_mul: bool, has_resid
         EVEN_K=k % cfg.block_k == 0,
         W_PACK=pack,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        BLOCK_N2=cfg.block_n2, BLOCK_K2=cfg.block_k2, EVEN_K2=cfg.block_n2 == 0 or k % cfg.block_k2 == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -45,10 +45,6 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    # Interpreter only: a second row block of block_n2 rows after the first in each tile, reduced over K in its own
-    # block_k2 steps (0: none), so that a tile can cover N = 576 as 512 + 64 rows instead of wrapping 1024.
-    block_n2: int = 0
-    block_k2: int = 0
 
 
 def gemm_shared_bytes(cfg: GemmConfig, itemsize: int) -> int:
@@ -79,59 +75,29 @@ def cuda_gemm_config(n: int, k: int, itemsize: int, target: CudaTarget = SM90) -
 # in Python; every loaded weight element (wrapped rows and masked columns included) for its word-packed gather,
 # unpacking and dot in numpy, about twice as much when K needs masks (every step then builds and applies them).
 _TILE_COST, _STEP_COST, _ELEM_COST, _MASKED_ELEM_COST, _MAC_COST = 5e-4, 4e-4, 6e-9, 1.1e-8, 2e-11
-# Elements of blocks over 2**17 cost more (measured on a 2-core Intel Xeon, fp32 weights two a word: 18-21 ns a weight
-# at 2**14 to 2**17, 27 ns at 2**18): their numpy temporaries spill out of the caches. Blocks over 2**19 are not tried.
-_CACHED_BLOCK, _SPILL_FACTOR, _MAX_INTERPRET_TILE = 2 ** 17, 1.5, 2 ** 19
-# A second row block's own ops beyond its K loop (setup, epilogue, the call of its jit function: about 40 ops), fitted
-# on the Xeon so that SmolLM2's o_proj (N = K = 576), faster with 1024 rows of which 448 wrapped, keeps them.
-_SECOND_BLOCK_COST = 1.5e-3
+# Bigger tiles cost more per element: their numpy temporaries spill out of the caches.
+_MAX_INTERPRET_TILE = 2 ** 19
 
 
-def _block_cost(m: int, k: int, block_m: int, block_n: int, block_k: int) -> float:
-    """One tile's K loop over a [block_n, block_k] weight block (its setup, steps and elements)."""
+def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> float:
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
     elem_cost = _ELEM_COST if k % block_k == 0 else _MASKED_ELEM_COST
-    if block_n * block_k > _CACHED_BLOCK:
-        elem_cost *= _SPILL_FACTOR
-    return _TILE_COST + triton.cdiv(k, block_k) * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST))
-
-
-def _blocks(n: int, k: int, whole_rows: bool) -> list[tuple[int, int, int, int]]:
-    """(block_n, block_k, block_n2, block_k2) candidates: one block, or for N between powers of two (one tile of
-    whole rows) a block of the power of two below N and one of the rest, which then loads no wrapped rows."""
-    widths = [next_power_of_2(n)] if whole_rows else [2 ** i for i in range(4, 15)]
-    steps = [2 ** i for i in range(4, 11) if 2 ** i <= max(16, next_power_of_2(k))]
-    candidates = [(bn, bk, 0, 0) for bn in widths for bk in steps
-                  if bn * bk <= _MAX_INTERPRET_TILE and bn <= max(16, next_power_of_2(n))]
-    first = next_power_of_2(n) // 2
-    # The norm epilogue's sum of squares is bitwise rms_norm's only with a first block of at least 128 rows and a second
-    # of at least 8 (see the kernel); 16 keeps the dots' shapes legal.
-    if n > first >= 128:
-        second = max(16, next_power_of_2(n - first))
-        # The small block may take wider K steps than the first (up to all of K in one).
-        steps2 = [2 ** i for i in range(4, 15) if 2 ** i <= max(16, next_power_of_2(k))]
-        candidates += [(first, bk, second, bk2) for bk in steps for bk2 in steps2
-                       if first * bk <= _MAX_INTERPRET_TILE and second * bk2 <= _MAX_INTERPRET_TILE]
-    return candidates
-
-
-def _interpret_cost(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, block_n2: int = 0,
-                    block_k2: int = 0) -> float:
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n + block_n2)
-    cost = _block_cost(m, k, block_m, block_n, block_k)
-    if block_n2:
-        cost += _SECOND_BLOCK_COST + _block_cost(m, k, block_m, block_n2, block_k2)
-    return tiles * cost
+    return tiles * (_TILE_COST + steps * (_STEP_COST + block_n * block_k * (elem_cost + block_m * _MAC_COST)))
 
 
 @functools.cache  # the search costs ~5 ms, and a model has a handful of GEMM shapes per batch size
 def interpret_gemm_config(m: int, n: int, k: int, whole_rows: bool = False) -> GemmConfig:
-    """All rows of a short batch share one tile row (so the weight is read once), and the row blocks and K steps
-    minimise the interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not
-    batch-invariant. `whole_rows`: one tile covers N, as the RMSNorm epilogue needs."""
+    """All rows of a short batch share one tile row (so the weight is read once), and (BLOCK_N, BLOCK_K) minimise the
+    interpreter's cost model. These tiles depend on M: interpreted GEMMs are budget-invariant, not batch-invariant.
+    `whole_rows`: BLOCK_N = next_power_of_2(N), one column tile, as the RMSNorm epilogue needs."""
     block_m = max(1, min(64, next_power_of_2(max(m, 1))))
-    block_n, block_k, block_n2, block_k2 = min(_blocks(n, k, whole_rows),
-                                               key=lambda c: _interpret_cost(m, n, k, block_m, *c))
-    return GemmConfig(block_m, block_n, block_k, block_n2=block_n2, block_k2=block_k2)
+    widths = [next_power_of_2(n)] if whole_rows else [2 ** i for i in range(4, 15)]
+    candidates = [(bn, bk) for bn in widths for bk in (2 ** i for i in range(4, 11))
+                  if bn * bk <= _MAX_INTERPRET_TILE and bn <= max(16, next_power_of_2(n))
+                  and bk <= max(16, next_power_of_2(k))]
+    block_n, block_k = min(candidates, key=lambda c: _interpret_cost(m, n, k, block_m, *c))
+    return GemmConfig(block_m, block_n, block_k)
 
 
 # The MLP's SwiGLU as the down projection's prologue (gemm(..., silu_mul=True)) saves the interpreter a launch per

@@ -13,7 +13,6 @@ from pathlib import Path
 import triton  # noqa: I001  (before minidu, which turns the interpreter on where there is no GPU)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from minidu.kernels import decode_attention, gemm, prefill_attention, rotary
@@ -55,19 +54,9 @@ def _spill_bytes(ptx: str, capability: int) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 
 
-def _compilable(kernel) -> JITFunction:
-    """The kernel as a JITFunction, and so the jit functions it calls: minidu's kernel modules were decorated with the
-    interpreter on (this process only compiles, so their module globals may be swapped)."""
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    scope = fn.fn.__globals__
-    for name, value in list(scope.items()):
-        if isinstance(value, InterpretedFunction):
-            scope[name] = JITFunction(value.fn)
-    return fn
-
-
 def compile_variant(v: dict) -> dict:
-    fn = _compilable(KERNELS[v["kernel"]])
+    kernel = KERNELS[v["kernel"]]
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     src = ASTSource(fn, _signature(fn.fn, v["dtype"], v["constexprs"]), constexprs=v["constexprs"])
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", v["capability"], 32),

@@ -47,9 +47,8 @@ def gemm_variants(dtype: torch.dtype, capability: int) -> list[dict]:
             even_k = k % cfg.block_k == 0
             out.setdefault((cfg, even_k), _variant(
                 f"gemm-{shape.name}-{n}x{k}", "gemm", dtype, capability,
-                dict(HAS_BIAS=False, SILU_MUL=False, HAS_RESIDUAL=False, NORM=False, EVEN_K=even_k, W_PACK=1,
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                     BLOCK_N2=cfg.block_n2, BLOCK_K2=cfg.block_k2, EVEN_K2=True), cfg.num_warps, cfg.num_stages))
+                dict(HAS_BIAS=False, SILU_MUL=False, HAS_RESIDUAL=False, NORM=False, EVEN_K=even_k, W_PACK=1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m), cfg.num_warps, cfg.num_stages))
     return list(out.values())
 
 

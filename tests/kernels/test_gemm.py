@@ -16,8 +16,7 @@ from minidu.kernels.activation import silu_and_mul
 from minidu.kernels.gemm import gemm
 from minidu.kernels.rmsnorm import rms_norm
 from minidu.kernels import tiles as tile_table
-from minidu.kernels.tiles import SM80, SM90, GemmConfig, cuda_gemm_config, gemm_shared_bytes
-from minidu.kernels.utils import next_power_of_2
+from minidu.kernels.tiles import SM80, SM90, cuda_gemm_config, gemm_shared_bytes
 from tests.conftest import DEVICE
 from tests.kernels.shapes import preset_shapes
 
@@ -130,71 +129,6 @@ def test_gemm_residual_and_norm_epilogue(m, n, k, has_bias, has_residual, silu_m
     # Two roundings to dtype (the product, then the sum) on top of the dot's own error.
     eps_dtype = torch.finfo(dtype).eps
     assert torch.all((total.cpu().double() - ref).abs() <= RTOL[dtype] * scale + 2 * eps_dtype * scale + 1e-30)
-
-
-def _reference_sum(x, w, bias, residual, silu_mul: bool):
-    """float64 x @ w.T (+ bias, + residual) of the kernel's inputs, and the scale |x| @ |w|.T + ... of its errors."""
-    dtype = x.dtype
-    x, w = x.cpu().double(), w.cpu().double()
-    if silu_mul:
-        gate, up = x.chunk(2, dim=1)
-        x = (gate * torch.sigmoid(gate) * up).to(dtype).double()
-    ref, scale = x @ w.T, x.abs() @ w.abs().T
-    for t in (bias, residual):
-        if t is not None:
-            ref, scale = ref + t.cpu().double(), scale + t.cpu().double().abs()
-    return ref, scale
-
-
-def _two_block_tiles(n: int, k: int, block_k: int, block_k2: int):
-    """A configuration of two row blocks covering N (the power of two below it, then the rest), as the interpreter's
-    tile search may choose, for K steps block_k and block_k2."""
-    first = next_power_of_2(n) // 2
-    second = max(16, next_power_of_2(n - first))
-    return lambda m, *_args, **_kwargs: GemmConfig(max(1, min(64, next_power_of_2(m))), first, block_k,
-                                                   block_n2=second, block_k2=block_k2)
-
-
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="two row blocks are an interpreter tile (tiles.GemmConfig)")
-@given(m=st.sampled_from([1, 2, 5, 67]), n=st.sampled_from([129, 200, 257, 300, 576, 600]),
-       k=st.sampled_from([16, 17, 64, 130, 192]), block_k=st.sampled_from([16, 32, 64]),
-       block_k2=st.sampled_from([16, 64, 256]), norm=st.booleans(), has_bias=st.booleans(),
-       has_residual=st.booleans(), silu_mul=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
-       seed=st.integers(0, 2**16))
-@example(m=1, n=576, k=192, block_k=64, block_k2=256, norm=True, has_bias=False, has_residual=True, silu_mul=True,
-         dtype=torch.float32, seed=0)
-def test_gemm_two_row_blocks(m, n, k, block_k, block_k2, norm, has_bias, has_residual, silu_mul, dtype, seed):
-    """A tile of two row blocks with their own K steps (576 = 512 + 64): the product against float64 math, and the
-    norm epilogue over both blocks bitwise rms_norm's of the stored sum."""
-    x, w, bias = _operands(m, n, 2 * k if silu_mul else k, dtype, seed)
-    w, bias = w[:, :k].contiguous(), bias if has_bias else None
-    gen = torch.Generator().manual_seed(seed + 1)
-    residual = torch.randn(m, n, generator=gen).to(dtype) if norm and has_residual else None
-    norm_weight = torch.randn(n, generator=gen).to(dtype) if norm else None
-    ref, scale = _reference_sum(x, w, bias, residual, silu_mul)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tile_table, "interpret_gemm_config", _two_block_tiles(n, k, block_k, block_k2))
-        y = gemm(x, w, bias, silu_mul=silu_mul, residual=residual, norm_weight=norm_weight,
-                 eps=1e-5 if norm else None)
-    if norm:
-        y, normed = y
-        assert torch.equal(normed, rms_norm(y, norm_weight, 1e-5))
-    rounding = 2 * torch.finfo(dtype).eps if norm and has_residual else 0
-    assert torch.all((y.double() - ref).abs() <= (RTOL[dtype] + rounding) * scale + 1e-30)
-
-
-@pytest.mark.parametrize("n,k", [(576, 576), (576, 1536), (960, 576), (3072, 576), (200, 64), (2053, 130)])
-@pytest.mark.parametrize("m", [1, 36])
-def test_interpreted_whole_row_tiles_cover_n(m, n, k):
-    """The norm epilogue's tile covers all N columns, in one power-of-two block or in two whose first has over 128
-    rows (the bitwise condition of its sum of squares) and which load no whole wrapped block."""
-    cfg = tile_table.interpret_gemm_config(m, n, k, whole_rows=True)
-    assert cfg.block_n + cfg.block_n2 >= n
-    if cfg.block_n2:
-        # The second block is the smallest the kernel allows (16 rows) for the rest: no wrapped rows beyond that.
-        assert 128 <= cfg.block_n < n and cfg.block_n2 == max(16, next_power_of_2(n - cfg.block_n))
-    else:
-        assert cfg.block_n == next_power_of_2(n)
 
 
 @pytest.mark.parametrize("m,n,k", [(0, 5, 3), (4, 0, 3), (3, 6, 0)])
