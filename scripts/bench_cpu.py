@@ -76,10 +76,11 @@ def bench_minidu(args) -> dict:
 @contextlib.contextmanager
 def count_launches():
     """Per kernel: launches, interpreter ops (calls into Triton's interpreter builder, one or a few per tl op: a
-    count that does not depend on the machine's load) and seconds, while the block runs."""
+    count that does not depend on the machine's load), elements loaded (masked lanes included; the GEMMs' weights
+    load as 64-bit words) and seconds, while the block runs."""
     from triton.runtime import interpreter
 
-    counts = collections.defaultdict(lambda: [0, 0, 0.0])  # kernel -> [launches, ops, seconds]
+    counts = collections.defaultdict(lambda: [0, 0, 0.0, 0])  # kernel -> [launches, ops, seconds, elements loaded]
     current = ["(host)"]
     call = interpreter.GridExecutor.__call__
 
@@ -99,11 +100,18 @@ def count_launches():
             return method(*args, **kwargs)
         return wrapper
 
+    def counted_load(method):
+        def wrapper(ptrs, *args, **kwargs):
+            counts[current[0]][3] += ptrs.data.size
+            return method(ptrs, *args, **kwargs)
+        return wrapper
+
     builder = interpreter.interpreter_builder
     names = [n for n in dir(type(builder)) if n.startswith("create_")]
     interpreter.GridExecutor.__call__ = timed_call
     for n in names:
         setattr(builder, n, counted(getattr(builder, n)))
+    builder.create_masked_load = counted_load(builder.create_masked_load)  # every load, masked or not, ends here
     try:
         yield counts
     finally:
@@ -114,10 +122,10 @@ def count_launches():
 
 def count_table(counts) -> str:
     rows = sorted(counts.items(), key=lambda kv: -kv[1][2])
-    lines = [f"{'kernel':28}{'launches':>9}{'ops':>9}{'s':>8}"]
-    lines += [f"{k:28}{v[0]:9d}{v[1]:9d}{v[2]:8.2f}" for k, v in rows]
-    lines.append(f"{'total':28}{sum(v[0] for v in counts.values()):9d}{sum(v[1] for v in counts.values()):9d}"
-                 f"{sum(v[2] for v in counts.values()):8.2f}")
+    lines = [f"{'kernel':28}{'launches':>9}{'ops':>9}{'loaded M':>10}{'s':>8}"]
+    lines += [f"{k:28}{v[0]:9d}{v[1]:9d}{v[3] / 1e6:10.2f}{v[2]:8.2f}" for k, v in rows]
+    total = [sum(v[i] for v in counts.values()) for i in range(4)]
+    lines.append(f"{'total':28}{total[0]:9d}{total[1]:9d}{total[3] / 1e6:10.2f}{total[2]:8.2f}")
     return "\n".join(lines)
 
 
@@ -135,7 +143,7 @@ def profile_steps(engine, prompt, params, path: str) -> None:
         with count_launches() as counts:
             engine.step()
         stream.write(f"\n## one {name} step: {time.perf_counter() - t0:.2f} s\n")
-        stream.write("\n### per kernel: launches, interpreter ops, seconds\n\n")
+        stream.write("\n### per kernel: launches, interpreter ops, million elements loaded, seconds\n\n")
         stream.write(count_table(counts) + "\n")
     while engine.has_unfinished_requests():
         engine.step()
