@@ -18,10 +18,6 @@ LOG2E = math.log2(math.e)
 _MAX = tl.standard._elementwise_max
 _SUM = tl.standard._sum_combine
 
-# ---- interpreter-only choices (compiled kernels never take them; to move to kernels/tiles.py) ----
-# The interpreter runs one program at a time, so splitting a context only adds tiles and a merge launch: its splits
-# hold up to INTERPRET_DECODE_TILES.partition_size keys, more than its contexts reach (tests shrink it to merge).
-INTERPRET_DECODE_TILES = tile_table.DecodeTiles(block_n=64, partition_size=4096, num_warps=4)
 # Paths of the split kernel that cost the interpreter fewer ops (HOST_SPLITS, ALL_KV_HEADS, KV_ROWS, EVEN_D,
 # ONE_STEP); tests switch them off to run the compiled kernels' path through the interpreter.
 INTERPRET_PATHS = INTERPRET
@@ -210,15 +206,9 @@ def _decode_merge_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def decode_tiles() -> tile_table.DecodeTiles:
-    """The tiles decode_attention uses: INTERPRET_DECODE_TILES in the interpreter, else tiles.DECODE_TILES (both read
-    at call time, so tests may patch them)."""
-    return INTERPRET_DECODE_TILES if INTERPRET else tile_table.DECODE_TILES
-
-
 def decode_num_splits(max_blocks: int, block_size: int) -> int:
     """Splits of the workspace: enough for a context filling the block tables (fewer run when contexts are shorter)."""
-    return triton.cdiv(max(1, max_blocks * block_size), decode_tiles().partition_size)
+    return triton.cdiv(max(1, max_blocks * block_size), tile_table.decode_tiles().partition_size)
 
 
 def decode_workspace(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
@@ -254,7 +244,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_inputs(q, k_cache, v_cache, seq_lens, block_tables, out, num_sms)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    tiles = decode_tiles()
+    tiles = tile_table.decode_tiles()
     num_splits = decode_num_splits(block_tables.shape[1], block_size)
     if workspace is None:
         workspace = decode_workspace(q, k_cache, block_tables)

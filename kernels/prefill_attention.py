@@ -7,26 +7,12 @@ import triton
 import triton.language as tl
 
 from minidu.kernels.kv_cache import check_paged_attention_inputs
-from minidu.kernels.tiles import PrefillTiles, cuda_prefill_tiles_within_registers, kv_heads_per_tile
+from minidu.kernels import tiles as tile_table
+from minidu.kernels.tiles import cuda_prefill_tiles_within_registers, kv_heads_per_tile
 from minidu.kernels.utils import (INDEX_DTYPES, INTERPRET, check_tensor, index_dtype_is_wide, next_power_of_2,
                                   num_programs)
 
 LOG2E = math.log2(math.e)
-
-# ---- interpreter-only tiles (kernels/tiles.py is where tile tables live; to move there) ----
-# Elements of an interpreted tile's [rows, KV_PER_TILE * BLOCK_N] score matrix: the interpreter pays per program and
-# per op, so a tile takes as many new tokens as fit (a 36-token prompt of SmolLM2 in one tile instead of three), up
-# to 2**18 elements, past which numpy's temporaries leave the caches. Read at call time: tests shrink it to force
-# several q-blocks per request.
-INTERPRET_SCORE_ELEMS = 2 ** 18
-INTERPRET_BLOCK_N = 64
-
-
-def interpret_prefill_tiles(group_pad: int, kv_per_tile: int) -> PrefillTiles:
-    rows_per_token = kv_per_tile * group_pad
-    block_m = max(1, INTERPRET_SCORE_ELEMS // (rows_per_token * kv_per_tile * INTERPRET_BLOCK_N))
-    return PrefillTiles(block_m=block_m, block_n=INTERPRET_BLOCK_N, num_warps=4, num_stages=1)
-
 
 @triton.jit
 def _prefill_attention_kernel(
@@ -148,7 +134,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = num_heads // num_kv_heads
     group_pad, head_dim_pad = next_power_of_2(group), max(16, next_power_of_2(head_dim))
     kv_per_tile = kv_heads_per_tile(num_kv_heads)
-    tiles = (interpret_prefill_tiles(group_pad, kv_per_tile) if INTERPRET else
+    tiles = (tile_table.interpret_prefill_tiles(group_pad, kv_per_tile) if INTERPRET else
              cuda_prefill_tiles_within_registers(group_pad, head_dim_pad, q.element_size()))
     # The number of q-blocks per request depends on data in cu_seqlens_q; reading it would sync the host with the
     # GPU and break CUDA-graph capture. Instead every request gets slots from the shape-derived bound

@@ -7,16 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.kv_cache import check_kv_store_inputs
-from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
-
-# ---- tiles (interpreter-only values: to move into kernels/tiles.py) ----
-# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
-# (tests shrink this to force many tiles).
-CUDA_TILE_ELEMS = 4096
-INTERPRET_TILE_ELEMS = 131072
-TILE_ELEMS = INTERPRET_TILE_ELEMS if INTERPRET else CUDA_TILE_ELEMS
-
+from minidu.kernels.utils import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, next_power_of_2, num_programs
 
 def rotary_tiles(num_tokens: int, num_heads: int, head_dim: int, tile_elems: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_HEADS, BLOCK_HALF, num_warps) for num_tokens tokens of num_heads q and k heads together."""
@@ -257,7 +250,7 @@ def _launch(q, k, store, positions, inv_freq, attention_factor, num_sms) -> None
     """`store`: None, or (v, k_cache, v_cache, slot_mapping) to write the rotated k and v to the cache."""
     num_tokens, num_q_heads, head_dim = q.shape
     block_t, block_heads, block_half, num_warps = rotary_tiles(num_tokens, num_q_heads + k.shape[1], head_dim,
-                                                               TILE_ELEMS)
+                                                               tile_table.ROTARY_TILE_ELEMS)
     num_tiles = triton.cdiv(num_tokens, block_t)
     grid = num_programs(num_tiles, num_sms, q.device)
     # Without a store, k, q and positions stand in for the unused v, cache and slot pointers (never dereferenced).

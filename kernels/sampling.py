@@ -8,17 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.utils import FLOAT_DTYPES, INTERPRET, check_tensor, next_power_of_2, num_programs
 
 # A search step weighs NUM_PIVOTS candidate keys in one pass over the row; keys of fp32 values span fewer than 2**32
 # integers, so 8 steps of 16 pivots (16**8 == 2**32) isolate a single key exactly.
 _NUM_PIVOTS = 16
 _SEARCH_STEPS = 8
-# ---- interpreter-only tiles (kernels/tiles.py is where tile tables live; to move there) ----
-# Elements of an interpreted [ROWS, SCAN_V] chunk of the passes that only take maxima (the greedy pass and the race):
-# their result does not depend on how the row is chunked, so the interpreter, which pays per op, scans the
-# vocabulary in as few chunks as fit (SmolLM2's 49152 logits: one instead of 24). Read at call time: tests shrink it.
-INTERPRET_SCAN_ELEMS = 131072
 # Padding key, below the key of every real value (-inf included), so padded columns are never kept.
 _PAD_KEY = tl.constexpr(-(2**31))
 # Above or equal to every real key: the start of a running minimum.
@@ -222,7 +218,7 @@ def _tile_shape(vocab: int) -> tuple[int, int, int]:
         # [rows, pivots, chunk] comparisons.
         block_v = min(next_power_of_2(vocab), 2048)
         rows = max(1, min(512, 65536 // (_NUM_PIVOTS * block_v)))
-        return rows, block_v, min(next_power_of_2(vocab), max(block_v, INTERPRET_SCAN_ELEMS // rows))
+        return rows, block_v, min(next_power_of_2(vocab), max(block_v, tile_table.INTERPRET_SCAN_ELEMS // rows))
     # On CUDA one row per program streams the vocab in chunks small enough for the [pivots, chunk] comparisons.
     block_v = min(next_power_of_2(vocab), 512)
     return 1, block_v, block_v

@@ -143,8 +143,14 @@ class DecodeTiles:
 
 
 CUDA_DECODE_TILES = DecodeTiles(block_n=64, partition_size=256, num_warps=4)
-# The interpreter's small splits keep multi-split merging exercised by tiny test contexts.
-DECODE_TILES = DecodeTiles(block_n=64, partition_size=64, num_warps=4) if INTERPRET else CUDA_DECODE_TILES
+# The interpreter runs one program at a time, so splitting a context only adds tiles and a merge launch: its splits
+# hold up to 4096 keys, more than its contexts reach (tests shrink them to merge).
+INTERPRET_DECODE_TILES = DecodeTiles(block_n=64, partition_size=4096, num_warps=4)
+
+
+def decode_tiles() -> DecodeTiles:
+    """The decode-attention tiles of this backend (read at call time, so tests may patch them here)."""
+    return INTERPRET_DECODE_TILES if INTERPRET else CUDA_DECODE_TILES
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +161,18 @@ class PrefillTiles:
     num_stages: int
 
 
-def prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int, kv_per_tile: int = 1) -> PrefillTiles:
-    """Big tiles in the interpreter (its cost is per program and per op), GPU tiles on CUDA."""
-    if INTERPRET:
-        return PrefillTiles(block_m=max(1, 256 // (kv_per_tile * group_pad)), block_n=64, num_warps=4, num_stages=1)
-    return cuda_prefill_tiles(group_pad, head_dim_pad, itemsize)
+# Elements of an interpreted tile's [rows, KV_PER_TILE * BLOCK_N] score matrix: the interpreter pays per program and
+# per op, so a tile takes as many new tokens as fit (a 36-token prompt of SmolLM2 in one tile instead of three), up
+# to 2**18 elements, past which numpy's temporaries leave the caches. Read at call time: tests shrink it to force
+# several q-blocks per request.
+INTERPRET_SCORE_ELEMS = 2 ** 18
+INTERPRET_PREFILL_BLOCK_N = 64
+
+
+def interpret_prefill_tiles(group_pad: int, kv_per_tile: int) -> PrefillTiles:
+    rows_per_token = kv_per_tile * group_pad
+    block_m = max(1, INTERPRET_SCORE_ELEMS // (rows_per_token * kv_per_tile * INTERPRET_PREFILL_BLOCK_N))
+    return PrefillTiles(block_m=block_m, block_n=INTERPRET_PREFILL_BLOCK_N, num_warps=4, num_stages=1)
 
 
 def cuda_prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int) -> PrefillTiles:
@@ -171,6 +184,22 @@ def cuda_prefill_tiles(group_pad: int, head_dim_pad: int, itemsize: int) -> Pref
     # fp32 K/V tiles are twice as large, so fewer of them fit in shared memory for pipelining.
     return PrefillTiles(block_m=block_m, block_n=64 if itemsize < 4 else 32, num_warps=num_warps,
                         num_stages=2 if itemsize == 4 else 3)
+
+
+# ---- rotary embedding + KV store ----
+
+# Elements per tile: the interpreter pays per program and per op rather than per element, so it gets few big tiles
+# (tests shrink this to force many tiles). Read at call time.
+CUDA_ROTARY_TILE_ELEMS = 4096
+ROTARY_TILE_ELEMS = 131072 if INTERPRET else CUDA_ROTARY_TILE_ELEMS
+
+
+# ---- sampling ----
+
+# Elements of an interpreted [ROWS, SCAN_V] chunk of the passes that only take maxima (the greedy pass and the race):
+# their result does not depend on how the row is chunked, so the interpreter, which pays per op, scans the
+# vocabulary in as few chunks as fit (SmolLM2's 49152 logits: one instead of 24). Read at call time: tests shrink it.
+INTERPRET_SCAN_ELEMS = 131072
 
 
 # ---- register pressure: tiles the ahead-of-time compile test (tests/kernels/test_aot_compile.py) found to spill ----

@@ -87,7 +87,7 @@ def rotary_variants(dtype: torch.dtype, capability: int) -> list[dict]:
         key = (shape.heads, shape.kv_heads, shape.head_dim)
         for num_tokens, store, scale in ((1, True, 1.0), (3, True, 1.0), (8191, False, 1.25), (8191, True, 1.0)):
             block_t, block_heads, block_half, warps = rotary.rotary_tiles(
-                num_tokens, shape.heads + shape.kv_heads, shape.head_dim, rotary.CUDA_TILE_ELEMS)
+                num_tokens, shape.heads + shape.kv_heads, shape.head_dim, tiles.CUDA_ROTARY_TILE_ELEMS)
             out[key + (num_tokens,)] = _variant(
                 f"rotary-{shape.name}-t{num_tokens}-store{int(store)}", "rotary", dtype, capability, dict(
                     NUM_Q_HEADS=shape.heads, NUM_KV_HEADS=shape.kv_heads, HALF_DIM=shape.head_dim // 2,

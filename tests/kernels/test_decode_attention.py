@@ -9,15 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidu.kernels import decode_attention as decode_module
-from minidu.kernels.decode_attention import decode_attention, decode_tiles, decode_workspace
-from minidu.kernels.tiles import DecodeTiles
+from minidu.kernels.decode_attention import decode_attention, decode_workspace
+from minidu.kernels import tiles as tile_table
+from minidu.kernels.tiles import DecodeTiles, decode_tiles
 from tests.conftest import DEVICE
 
 # fp32 runs tl.dot in IEEE precision; fp16/bf16 round the softmax weights to the input dtype before the PV product.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # Interpreter tiles: its own (one split holds every test context), splits of 32 keys in 16-key steps (test contexts
 # span several splits, the merge, and several steps a split), or splits of one 16-key step each.
-ONE_SPLIT = decode_module.INTERPRET_DECODE_TILES
+ONE_SPLIT = tile_table.INTERPRET_DECODE_TILES
 SMALL_SPLITS = DecodeTiles(block_n=16, partition_size=32, num_warps=4)
 ONE_STEP_SPLITS = DecodeTiles(block_n=16, partition_size=16, num_warps=4)
 
@@ -27,7 +28,7 @@ def kernel_config(interpreter_paths: bool, tiles: DecodeTiles):
     """The interpreter's own kernel paths on or off (off: the compiled kernels' path) and its tiles (no effect on the
     tiles of compiled kernels)."""
     with (mock.patch.object(decode_module, "INTERPRET_PATHS", interpreter_paths),
-          mock.patch.object(decode_module, "INTERPRET_DECODE_TILES", tiles)):
+          mock.patch.object(tile_table, "INTERPRET_DECODE_TILES", tiles)):
         yield
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidu.kernels import prefill_attention as prefill_module
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.prefill_attention import prefill_attention
 from tests.conftest import DEVICE
 
@@ -87,13 +87,13 @@ def run(batch: dict, num_sms: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=prefill_cases(), num_sms=st.integers(1, 48),
-       score_elems=st.sampled_from([1024, prefill_module.INTERPRET_SCORE_ELEMS]))
+       score_elems=st.sampled_from([1024, tile_table.INTERPRET_SCORE_ELEMS]))
 def test_matches_reference(dtype, case, num_sms, score_elems):
     """Interpreted, also with tiles small enough (1024 score elements: 1 to 16 tokens) that a request's new tokens
     span several q-blocks."""
     batch = build_batch(case, dtype)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prefill_module, "INTERPRET_SCORE_ELEMS", score_elems)
+        mp.setattr(tile_table, "INTERPRET_SCORE_ELEMS", score_elems)
         out = run(batch, num_sms)
     expected = reference(**batch, scale=batch["q"].shape[-1] ** -0.5)
     tol = TOLERANCES[dtype]
@@ -105,7 +105,7 @@ def test_matches_reference(dtype, case, num_sms, score_elems):
 def test_bitwise_independent_of_num_sms(case, num_sms):
     batch = build_batch(case, torch.float32)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prefill_module, "INTERPRET_SCORE_ELEMS", 1024)  # many tiles for the budget to spread
+        mp.setattr(tile_table, "INTERPRET_SCORE_ELEMS", 1024)  # many tiles for the budget to spread
         assert torch.equal(run(batch, 1), run(batch, num_sms))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minidu.kernels import rotary
+from minidu.kernels import tiles as tile_table
 from minidu.kernels.kv_cache import store_kvcache
 from minidu.kernels.rotary import rope_inv_freq, rotary_embedding, rotary_embedding_and_store_kvcache
 from tests.conftest import DEVICE
@@ -109,7 +109,7 @@ def reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
 @given(t=st.sampled_from([0, 1, 2, 3, 7, 13]), hk=st.sampled_from([1, 2, 3]), ratio=st.sampled_from([1, 2, 4, 8]),
        d=head_dims, dtype=dtypes, pos_dtype=st.sampled_from([torch.int32, torch.int64]),
        max_pos=st.sampled_from([16, 4096, 131072]), num_sms=st.integers(1, 40),
-       tiles=st.sampled_from([64, rotary.TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
+       tiles=st.sampled_from([64, tile_table.ROTARY_TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
 def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype, max_pos, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = hk * ratio
@@ -120,7 +120,7 @@ def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype,
     expected_q, expected_k = reference(q, positions, inv_freq), reference(k, positions, inv_freq)
     before, again = qkv.clone(), qkv.clone()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rotary, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "ROTARY_TILE_ELEMS", tiles)
         rotary_embedding(q, k, positions, inv_freq, num_sms=num_sms)
         rotary_embedding(again[:, : hq * d].view(t, hq, d), again[:, hq * d: (hq + hk) * d].view(t, hk, d),
                          positions, inv_freq, num_sms=1)
@@ -132,7 +132,7 @@ def test_matches_reference_on_fused_qkv_views(t, hk, ratio, d, dtype, pos_dtype,
 
 @given(t=st.sampled_from([0, 1, 3, 7, 13]), hk=st.sampled_from([1, 2, 3]), ratio=st.sampled_from([1, 3, 4]),
        d=head_dims, dtype=dtypes, block_size=st.sampled_from([1, 4, 16]), skip=st.sampled_from([0.0, 0.4]),
-       num_sms=st.integers(1, 40), tiles=st.sampled_from([64, rotary.TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
+       num_sms=st.integers(1, 40), tiles=st.sampled_from([64, tile_table.ROTARY_TILE_ELEMS]), seed=st.integers(0, 2**31 - 1))
 def test_fused_store_equals_rotary_then_store_kvcache(t, hk, ratio, d, dtype, block_size, skip, num_sms, tiles, seed):
     gen = torch.Generator().manual_seed(seed)
     hq = hk * ratio
@@ -151,7 +151,7 @@ def test_fused_store_equals_rotary_then_store_kvcache(t, hk, ratio, d, dtype, bl
                 buf[:, (hq + hk) * d:].view(t, hk, d))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rotary, "TILE_ELEMS", tiles)
+        mp.setattr(tile_table, "ROTARY_TILE_ELEMS", tiles)
         rotary_embedding_and_store_kvcache(*views(fused), positions, inv_freq, caches[0], caches[1], slots,
                                            attention_factor=1.5, num_sms=num_sms)
     q, k, v = views(unfused)

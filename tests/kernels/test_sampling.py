@@ -7,6 +7,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 from minidu.kernels import sampling
+from minidu.kernels import tiles as tile_table
 from tests.conftest import to_device
 
 DTYPES = [torch.float32, torch.float16]
@@ -216,12 +217,12 @@ def test_bf16_matches_fp32_on_exact_values():
     assert torch.equal(sample(logits.bfloat16(), **params), sample(logits, **params))
 
 
-@pytest.mark.parametrize("scan_elems", [4096, sampling.INTERPRET_SCAN_ELEMS])
+@pytest.mark.parametrize("scan_elems", [4096, tile_table.INTERPRET_SCAN_ELEMS])
 def test_large_vocab_spans_several_chunks(scan_elems, monkeypatch):
     """V beyond one vocab chunk: tied maxima (within and across chunks) resolve to the lowest index, sampled tokens
     lie in the reference set. Interpreted, the maxima passes scan V = 2500 in one chunk, or in two with 4096
     elements a chunk (2 rows of 2048)."""
-    monkeypatch.setattr(sampling, "INTERPRET_SCAN_ELEMS", scan_elems)
+    monkeypatch.setattr(tile_table, "INTERPRET_SCAN_ELEMS", scan_elems)
     vocab = 2500
     torch.manual_seed(2)
     logits = (torch.randint(-16, 13, (4, vocab)) / 4).float()
