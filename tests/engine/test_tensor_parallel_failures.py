@@ -1,11 +1,12 @@
-"""Tensor parallelism when things go wrong: a rank killed mid-generation ends the engine with an error naming it and
-leaves no process behind; sizes that cannot run are refused before anything is spawned."""
+"""Tensor parallelism when things go wrong: a rank killed mid-generation, or one that raises, ends the engine with an
+error naming it and leaves no process behind; sizes that cannot run are refused before anything is spawned."""
 import multiprocessing
 import os
 import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from minidu import SamplingParams
 from minidu.engine_config import EngineConfig, check_tensor_parallel
@@ -33,6 +34,18 @@ def test_a_killed_rank_fails_the_step_and_every_later_one(tmp_path):
         assert again.value is failed.value
         with pytest.raises(RankFailedError):
             engine.add_request([5, 6])
+    assert multiprocessing.active_children() == []
+
+
+def test_a_rank_that_raises_fails_the_engine_with_its_error(tmp_path):
+    """A NaN in the last row of a q_proj lies in rank 1's shard only: rank 0 loads its shard, rank 1's load raises,
+    and the engine's construction reports rank 1's own exception."""
+    write_checkpoint(tmp_path, "LlamaForCausalLM")
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"][-1, 0] = float("nan")
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RankFailedError, match=r"rank 1 \(pid \d+\) raised ValueError: .*q_proj.weight.*NaN"):
+        make_engine(tmp_path, tensor_parallel_size=2, distributed_timeout_s=5.0)
     assert multiprocessing.active_children() == []
 
 
