@@ -354,7 +354,7 @@ def _dequantize_shard(tensor, shard: Shard) -> np.ndarray:
             part = data[..., shard.start:shard.stop]
     else:
         part = data[shard.index()]
-    out = gguf.quants.dequantize(np.ascontiguousarray(part), tensor.tensor_type).reshape(shard.shape)
+    out = _dequantize_data(np.ascontiguousarray(part), tensor.tensor_type).reshape(shard.shape)
     return out if out.flags.writeable else out.copy()
 
 
