@@ -6,7 +6,7 @@ import pytest
 import minidu
 from minidu import SamplingParams
 from minidu.scheduler.plan import MultiplexedPlan
-from tests.engine.helpers import LookaheadPolicy, make_engine
+from tests.engine.helpers import run_steps, write_slow_profile, LookaheadPolicy, make_engine
 from tests.models.checkpoints import write_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], list(range(30, 47))]
@@ -32,15 +32,9 @@ def test_lookahead_multiplexed_equals_aggregated(checkpoint, params):
     expected = run(make_engine(checkpoint, max_num_batched_tokens=8), params)
     engine = make_engine(checkpoint, max_num_batched_tokens=8, **LOOKAHEAD_OPTIONS)
     engine.policy = LookaheadPolicy(k=3)
-    ks = []
-    ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params if isinstance(params, list) else [params] * 4)]
-    done = {}
-    while engine.has_unfinished_requests():
-        result = engine.step()
-        done |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
-        ks.append(result.plan.k)
-    assert [done[i] for i in ids] == expected
-    assert max(ks) == 3, "some steps must have run 3 look-ahead decode steps"
+    tokens, plans = run_steps(engine, PROMPTS, params)
+    assert tokens == expected
+    assert max(p.k for p in plans) == 3, "some steps must have run 3 look-ahead decode steps"
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
@@ -68,22 +62,12 @@ def test_static_policy_engine_matches_aggregated(checkpoint):
 
 
 def test_duet_policy_splits_and_keeps_the_tokens(checkpoint, tmp_path):
-    # A deliberately slow 16-SM profile makes the tiny model's mixed steps break a 0.5 ms objective that split
-    # decode steps meet, so the real duet policy emits multiplexed plans with look-ahead.
-    from minidu.scheduler.hardware import HardwareProfile
-
-    profile = tmp_path / "slow.json"
-    profile.write_text(HardwareProfile("slow-gpu", 16, 2e9, 2e9, 4, 0.0).to_json())
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = run(make_engine(checkpoint, max_num_batched_tokens=8), greedy)
-    engine = make_engine(checkpoint, max_num_batched_tokens=8, policy="duet", hardware=str(profile), tbt_slo_ms=0.5)
-    ids = [engine.add_request(p, greedy) for p in PROMPTS]
-    plans, done = [], {}
-    while engine.has_unfinished_requests():
-        result = engine.step()
-        done |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
-        plans.append(result.plan)
-    assert [done[i] for i in ids] == expected
+    engine = make_engine(checkpoint, max_num_batched_tokens=8, policy="duet",
+                         hardware=write_slow_profile(tmp_path / "slow.json"), tbt_slo_ms=0.5)
+    tokens, plans = run_steps(engine, PROMPTS, greedy)
+    assert tokens == expected
     multiplexed = [p for p in plans if isinstance(p, MultiplexedPlan)]
     assert multiplexed and max(p.k for p in multiplexed) > 1
     assert all(p.num_sms_prefill + p.num_sms_decode <= 16 for p in multiplexed)

@@ -7,7 +7,7 @@ import minidu
 from minidu import SamplingParams
 from minidu.scheduler.plan import plan_chunks
 from tests.conftest import THOROUGH
-from tests.engine.helpers import LookaheadPolicy, make_engine
+from tests.engine.helpers import LookaheadPolicy, make_engine, run_steps
 from tests.models.checkpoints import write_checkpoint
 
 # Three ranks need head counts they divide: 6 query heads over one kv head (fewer kv heads than ranks: replicated).
@@ -63,16 +63,11 @@ def test_multiplexed_plans_from_rank_0_keep_the_tokens(case):
     expected = [o.token_ids for o in single.generate(FIRST, GREEDY, use_tqdm=False)]
     engine.policy, policy = LookaheadPolicy(k=2), engine.policy
     try:
-        outputs, ks = {}, []
-        ids = [engine.add_request(p, GREEDY) for p in FIRST]
-        while engine.has_unfinished_requests():
-            result = engine.step()
-            ks.append(result.plan.k)
-            outputs |= {o.request_id: o.token_ids for o in result.outputs if o.finished}
+        tokens, plans = run_steps(engine, FIRST, GREEDY)
     finally:
         engine.policy = policy
-    assert [outputs[i] for i in ids] == expected
-    assert max(ks) == 2, "some steps must have run 2 look-ahead decode steps on every rank"
+    assert tokens == expected
+    assert max(p.k for p in plans) == 2, "some steps must have run 2 look-ahead decode steps on every rank"
 
 
 def test_a_second_tensor_parallel_engine_in_the_process_is_refused(case):
